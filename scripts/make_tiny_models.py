@@ -1,0 +1,126 @@
+"""Write tiny, deterministic, real models and datasets that stock ComfyUI loads. Nothing is downloaded.
+
+Layout under --base-dir (a ComfyUI base directory):
+  models/diffusion_models/loralab-tiny-sd3.safetensors   SD3/MMDiT, depth 2 (hidden 128), 16 latent channels
+  input/loralab-tiny-dataset.safetensors                  4 latents 16x16 + SD3-style conditioning
+
+The model's tensor names and shapes come from the installed ComfyUI's own MMDiT class, so the file
+always matches what `UNETLoader` expects; values are filled from one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training.tinydata import make_latent_dataset  # noqa: E402
+
+TINY_MODELS = {
+    # name: (depth, context width, pooled width, max latent side / patch)
+    "loralab-tiny-sd3": (2, 64, 64, 32),
+}
+DATASET_NAME = "loralab-tiny-dataset"
+
+
+def _comfy_path() -> pathlib.Path:
+    return ROOT / ".comfyui" / "ComfyUI"
+
+
+def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int, seed: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(_comfy_path()))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    hidden = 64 * depth
+    with torch.device("meta"):
+        net = MMDiT(
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            depth=depth,
+            adm_in_channels=pooled_dim,
+            context_embedder_config={
+                "target": "torch.nn.Linear",
+                "params": {"in_features": context_dim, "out_features": hidden},
+            },
+            pos_embed_max_size=pos_max,
+            num_patches=pos_max * pos_max,
+            pos_embed_scaling_factor=None,
+            operations=comfy.ops.disable_weight_init,
+        )
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, meta in sorted(net.state_dict().items()):
+        shape = tuple(meta.shape)
+        if name == "pos_embed":
+            t = torch.randn(shape, generator=gen) * 0.02
+        elif name.endswith(".bias"):
+            t = torch.randn(shape, generator=gen) * 0.01
+        elif len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            std = 1.0 / math.sqrt(fan_in)
+            # Residual-branch outputs start small so that deeper random models stay finite.
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                std *= 0.5 / math.sqrt(depth)
+            t = torch.randn(shape, generator=gen) * std
+        else:
+            t = torch.ones(shape)
+        out[name] = t.contiguous()
+    return out
+
+
+def write_all(base_dir: pathlib.Path, seed: int = 0, quiet: bool = False) -> list[pathlib.Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    written = []
+    model_dir = base_dir / "models" / "diffusion_models"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name, (depth, ctx, pooled, pos_max) in TINY_MODELS.items():
+        path = model_dir / f"{name}.safetensors"
+        if not path.exists():
+            sd = mmdit_state_dict(depth, ctx, pooled, pos_max, seed)
+            tmp = path.with_suffix(".tmp")
+            save_file(sd, str(tmp), metadata={"loralab": "tiny generated model", "seed": str(seed)})
+            tmp.replace(path)
+            written.append(path)
+    input_dir = base_dir / "input"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    path = input_dir / f"{DATASET_NAME}.safetensors"
+    if not path.exists():
+        depth, ctx, pooled, _ = TINY_MODELS["loralab-tiny-sd3"]
+        data = make_latent_dataset(n=4, channels=16, height=16, width=16, context_dim=ctx,
+                                   tokens=8, pooled_dim=pooled, seed=seed)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp),
+                  metadata={"loralab": "tiny generated dataset", "seed": str(seed)})
+        tmp.replace(path)
+        written.append(path)
+    if not quiet:
+        for p in written:
+            print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+    del torch
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-dir", type=pathlib.Path, required=True, help="ComfyUI base directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    write_all(args.base_dir, args.seed, args.quiet)
+
+
+if __name__ == "__main__":
+    main()
