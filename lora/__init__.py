@@ -1,0 +1,27 @@
+"""LoRA / LoHa / LoKr adapters for Linear and Conv1d/2d/3d layers, in plain PyTorch.
+
+Layout: ``lora.functional`` holds the pure math per algorithm; ``lora.modules`` the ``nn.Module``s that own
+parameters and call it; ``ALGORITHMS`` / ``get_algorithm`` / ``detect_algorithm`` map names and file keys
+to classes. Nothing here imports ComfyUI; the file format is the one stock ComfyUI's LoRA loader reads.
+"""
+
+from . import functional
+from .functional.lokr import factorization
+from .modules import ALPHA_KEY, AdapterModule, LoHaModule, LoKrModule, LoRAModule
+from .registry import ALGORITHMS, detect_algorithm, get_algorithm
+from .spec import ConvSpec, layer_spec
+
+__all__ = [
+    "ALGORITHMS",
+    "ALPHA_KEY",
+    "AdapterModule",
+    "ConvSpec",
+    "LoHaModule",
+    "LoKrModule",
+    "LoRAModule",
+    "detect_algorithm",
+    "factorization",
+    "functional",
+    "get_algorithm",
+    "layer_spec",
+]

@@ -1,0 +1,163 @@
+"""Attach adapters to a torch module tree without changing it: forward hooks add ΔY to each target
+layer's output, and removing the hooks restores the tree exactly. Base weights are never written.
+
+Keys follow ComfyUI's LORA_MODEL convention: "<prefix><module path>.<adapter suffix>", prefix
+"diffusion_model." by default, which stock LoRA loaders map onto the diffusion model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import AdapterModule, ConvSpec, get_algorithm, layer_spec
+
+log = logging.getLogger(__name__)
+
+
+def find_targets(
+    root: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> dict[str, tuple[tuple[int, ...], ConvSpec | None]]:
+    """Linear / Conv layers under root (path -> (weight shape, conv spec)), filtered by glob patterns
+    on the module path. Grouped convs are skipped (no adapter algorithm here supports them)."""
+    out = {}
+    for path, module in root.named_modules():
+        spec = layer_spec(module)
+        if spec is None:
+            continue
+        _, conv = spec
+        if conv is not None and conv.groups != 1:
+            continue
+        if not any(fnmatch.fnmatchcase(path, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(path, p) for p in exclude):
+            continue
+        out[path] = spec
+    return out
+
+
+class AdapterSet(nn.Module):
+    """The adapters of one training run, keyed by module path (dots replaced for nn.ModuleDict)."""
+
+    def __init__(self, adapters: Mapping[str, AdapterModule]):
+        super().__init__()
+        self.paths = list(adapters)
+        self.adapters = nn.ModuleDict({_key(p): a for p, a in adapters.items()})
+
+    @classmethod
+    def create(
+        cls,
+        targets: Mapping[str, tuple[tuple[int, ...], ConvSpec | None]],
+        algorithm: str,
+        rank: int,
+        alpha: float | None,
+        generator: torch.Generator,
+        device: torch.device | None = None,
+    ) -> AdapterSet:
+        """Fresh adapters (ΔW = 0) in fp32, initialised in sorted path order from one generator."""
+        adapter_cls = get_algorithm(algorithm)
+        adapters = {}
+        for path in sorted(targets):
+            shape, conv = targets[path]
+            adapters[path] = adapter_cls(shape, rank, alpha, conv=conv, generator=generator, device=device)
+        return cls(adapters)
+
+    def __getitem__(self, path: str) -> AdapterModule:
+        return self.adapters[_key(path)]
+
+    def __setitem__(self, path: str, adapter: AdapterModule) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
+        self.adapters[_key(path)] = adapter
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def items(self) -> Iterator[tuple[str, AdapterModule]]:
+        for p in self.paths:
+            yield p, self[p]
+
+    def state_dict_for_file(self, prefix: str = "diffusion_model.", dtype: torch.dtype | None = None) -> dict:
+        out = {}
+        for path, adapter in self.items():
+            for suffix, t in adapter.adapter_state_dict(dtype=dtype).items():
+                out[f"{prefix}{path}.{suffix}"] = t.cpu()
+        return out
+
+    @contextlib.contextmanager
+    def attached(self, root: nn.Module) -> Iterator[None]:
+        """Hooks on root's target layers for the duration of the block; always removed on exit."""
+        handles = []
+        try:
+            for path, adapter in self.items():
+                handles.append(root.get_submodule(path).register_forward_hook(_make_hook(adapter)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _make_hook(adapter: AdapterModule):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        delta = adapter(args[0])
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
+ADAPTER_SUFFIXES = (
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+)  # fmt: skip
+# Full-size weight deltas (ComfyUI's built-in trainer writes them for norms and biases): not adapters.
+DELTA_SUFFIXES = ("diff", "diff_b", "set_weight")
+
+
+def group_file_keys(
+    sd: Mapping[str, torch.Tensor], paths: Iterable[str], prefix: str = "diffusion_model."
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split a LoRA file's keys into adapter groups of our module paths {path: {suffix: tensor}} and
+    the rest {key: tensor} (other layers, full-size deltas). Both "<prefix><path>.<suffix>" and kohya
+    "lora_unet_<path with _>.<suffix>" names are understood; paths may contain dots."""
+    kohya = {"lora_unet_" + p.replace(".", "_"): p for p in paths}
+    known = set(kohya.values())
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for suffix in ADAPTER_SUFFIXES:
+            if key.endswith("." + suffix):
+                stem = key[: -len(suffix) - 1]
+                path = stem[len(prefix) :] if stem.startswith(prefix) else kohya.get(stem)
+                if path in known:
+                    groups.setdefault(path, {})[suffix] = value
+                    break
+        else:
+            rest[key] = value
+    return groups, rest
+
+
+@contextlib.contextmanager
+def frozen(root: nn.Module) -> Iterator[None]:
+    """requires_grad off for every base parameter during training (no grads, no memory for them);
+    the flags are restored afterwards so the caller's module is left as it was."""
+    changed = [p for p in root.parameters() if p.requires_grad]
+    try:
+        for p in changed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)

@@ -1,0 +1,179 @@
+"""Glue between ComfyUI objects (ModelPatcher, LATENT, CONDITIONING) and the ComfyUI-free training code."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import comfy.model_management
+import comfy.model_sampling
+import torch
+
+from ..training.data import Sample
+from ..training.objective import Objective
+
+log = logging.getLogger("loralab")
+
+
+def prediction_type(model_sampling) -> str:
+    """Which target the family was trained on, from the class of ComfyUI's model_sampling."""
+    ms = comfy.model_sampling
+    # Order matters: EDM subclasses V_PREDICTION, X0 and V_PREDICTION subclass EPS.
+    if isinstance(model_sampling, getattr(ms, "EDM", ())) or isinstance(model_sampling, getattr(ms, "X0", ())):
+        return "x0"
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, ms.EPS):
+        return "eps"
+    if isinstance(model_sampling, ms.CONST):
+        return "flow"
+    return "x0"
+
+
+def objective_for(patcher) -> Objective:
+    ms = patcher.get_model_object("model_sampling")
+    return Objective(ms, prediction_type(ms))
+
+
+def split_latents(latents: Sequence[dict]) -> list[torch.Tensor]:
+    """LATENT inputs (each {"samples": [B, C, ...]}) -> one tensor [C, ...] per image."""
+    images = []
+    for i, lat in enumerate(latents):
+        if not isinstance(lat, dict) or "samples" not in lat:
+            raise ValueError(f"latents: input {i + 1} is not a LATENT (a dict with 'samples')")
+        samples = lat["samples"]
+        if samples.ndim < 3:
+            raise ValueError(f"latents: input {i + 1} has shape {tuple(samples.shape)}; expected [batch, channels, ...]")
+        images.extend(samples[j].clone() for j in range(samples.shape[0]))
+    return images
+
+
+def split_conditioning(positive: Sequence[list]) -> list[tuple[torch.Tensor, dict]]:
+    """CONDITIONING inputs -> one (context [1, T, D], options) pair per image. A conditioning entry
+    whose tensor has batch B counts as B entries (batch-sliced pooled outputs go with them)."""
+    out = []
+    for cond in positive:
+        for entry in cond:
+            ctx, opts = entry[0], dict(entry[1])
+            n = ctx.shape[0]
+            for j in range(n):
+                o = {}
+                for k, v in opts.items():
+                    o[k] = v[j : j + 1].clone() if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n and n > 1 else v
+                out.append((ctx[j : j + 1].clone(), o))
+    return out
+
+
+def pair_up(images: list[torch.Tensor], conds: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    if not images:
+        raise ValueError("latents: the latent batch is empty; give at least one latent image")
+    if len(conds) == 1:
+        return conds * len(images)
+    if len(conds) != len(images):
+        raise ValueError(
+            f"positive: got {len(conds)} conditioning entries for {len(images)} latent images; "
+            f"give exactly one positive (used for every image) or one per image"
+        )
+    return conds
+
+
+def build_samples(patcher, latents: Sequence[dict], positive: Sequence[list], device: torch.device) -> list[Sample]:
+    """Latents into the model's space and conditioning into model kwargs, once, before the loop."""
+    base = patcher.model
+    images = split_latents(latents)
+    conds = pair_up(images, split_conditioning(positive))
+    samples = []
+    for i, (img, (ctx, opts)) in enumerate(zip(images, conds, strict=True)):
+        if not torch.isfinite(img).all():
+            raise ValueError(f"latents: image {i + 1} contains NaN or inf values")
+        if not torch.isfinite(ctx).all():
+            raise ValueError(f"positive: conditioning {i + 1} contains NaN or inf values")
+        x0 = base.process_latent_in(img[None].float()).to(device)
+        params = {k: v for k, v in opts.items()}
+        params.update(cross_attn=ctx.to(device), device=device, noise=x0, latent_image=x0)
+        model_conds = base.extra_conds(**params)
+        cond = {}
+        for key, c in model_conds.items():
+            t = c.process_cond(batch_size=1, device=device, area=None).cond
+            if not torch.is_tensor(t):
+                raise ValueError(f"positive: conditioning value {key!r} of type {type(t).__name__} is not supported")
+            cond[key] = t.detach().clone()
+        samples.append(Sample(x0[0].detach().clone(), cond))
+    return samples
+
+
+def make_predict_x0(patcher):
+    """(x_t, sigma, cond) -> x0 estimate through ComfyUI's own apply_model (input scaling, timestep
+    mapping, dtype casts, patches registered on the model), the path samplers use."""
+    base = patcher.model
+    topts = patcher.model_options.get("transformer_options", {})
+
+    def predict_x0(x_t: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        opts = dict(topts)
+        opts["sigmas"] = sigma
+        return base.apply_model(x_t, sigma, transformer_options=opts, **cond)
+
+    return predict_x0
+
+
+def autocast_dtype(training_dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device does bf16 well; fp32 (None) otherwise, said in the log."""
+    if training_dtype != "bf16":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning("LoRA Lab: this GPU has no bf16 support; training in fp32")
+        return None
+    if device.type == "cpu":
+        if _cpu_has_bf16():
+            return torch.bfloat16
+        log.info("LoRA Lab: this CPU has no native bf16 (avx512_bf16 / amx); training in fp32")
+        return None
+    return torch.bfloat16
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def materialize_inference_tensors(module: torch.nn.Module) -> int:
+    """ComfyUI loads weights under torch.inference_mode, and autograd can neither save inference
+    tensors for backward nor track views of them. Replace each one by a normal copy with identical
+    values (one tensor at a time, so peak memory grows by the largest tensor only). Values and
+    module structure are unchanged; later runs find nothing to do."""
+    count = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    count += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    count += 1
+    return count
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """Grad on inside ComfyUI's inference_mode executor, and model_management.in_training set where
+    this ComfyUI has it (some models check it)."""
+    mm = comfy.model_management
+    had = hasattr(mm, "in_training")
+    old = getattr(mm, "in_training", None)
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            if had:
+                mm.in_training = True
+            yield
+        finally:
+            if had:
+                mm.in_training = old

@@ -1,0 +1,100 @@
+"""Data and measurement nodes: a latent dataset file loader and a fixed-noise denoising-loss probe."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management
+import folder_paths
+import torch
+from comfy_api.latest import io
+from safetensors.torch import load_file
+
+from ..training.loop import evaluate_denoise_loss
+from . import comfy_model as cm
+
+
+def _dataset_files() -> list[str]:
+    root = folder_paths.get_input_directory()
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".safetensors"):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(out)
+
+
+class LoadLatentDataset(io.ComfyNode):
+    """Latents + conditioning from one .safetensors file in the input folder (no VAE or text encoder needed)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_LoadLatentDataset",
+            display_name="Load Latent Dataset (LoRA Lab)",
+            category="LoRA Lab",
+            description="Reads a .safetensors file from the input folder holding 'latents' [N, C, H, W], "
+            "'context' [N, T, D] and optionally 'pooled' [N, P].",
+            inputs=[
+                io.Combo.Input("dataset", options=_dataset_files(), tooltip="A .safetensors file in ComfyUI's input folder."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latents", tooltip="All N latents as one batch."),
+                io.Conditioning.Output(display_name="positive", tooltip="One conditioning with batch N (one entry per latent)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, dataset: str) -> bool | str:
+        if not folder_paths.exists_annotated_filepath(dataset):
+            return f"dataset: {dataset!r} is not in the input folder"
+        return True
+
+    @classmethod
+    def execute(cls, dataset: str) -> io.NodeOutput:
+        path = folder_paths.get_annotated_filepath(dataset)
+        try:
+            data = load_file(path)
+        except Exception as e:  # safetensors raises several types for bad files
+            raise ValueError(f"dataset: cannot read {dataset!r} as safetensors ({e})") from e
+        for key in ("latents", "context"):
+            if key not in data:
+                raise ValueError(f"dataset: {dataset!r} has no {key!r} tensor (keys: {sorted(data)})")
+        latents, context = data["latents"].float(), data["context"].float()
+        if context.shape[0] != latents.shape[0]:
+            raise ValueError(f"dataset: {dataset!r} has {latents.shape[0]} latents but {context.shape[0]} contexts")
+        opts = {"pooled_output": data["pooled"].float()} if "pooled" in data else {}
+        return io.NodeOutput({"samples": latents}, [[context, opts]])
+
+
+class DenoiseLoss(io.ComfyNode):
+    """Mean denoising loss of a model on latents at fixed noise levels and noise: compare models before
+    and after training (or with / without a LoRA) on equal terms."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_DenoiseLoss",
+            display_name="Denoising Loss (LoRA Lab)",
+            category="LoRA Lab",
+            is_input_list=True,
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="Model to measure (e.g. model_with_lora)."),
+                io.Latent.Input("latents", tooltip="Latents to denoise."),
+                io.Conditioning.Input("positive", tooltip="One conditioning per latent, or one for all."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the fixed noise."),
+                io.Int.Input("levels", default=8, min=1, max=1000, tooltip="Noise levels, evenly spaced over the schedule."),
+            ],
+            outputs=[io.Float.Output(display_name="loss", tooltip="Mean MSE in the model family's target space.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, seed, levels) -> io.NodeOutput:
+        patcher, seed, levels = model[0], seed[0], levels[0]
+        comfy.model_management.load_models_gpu([patcher])
+        device = patcher.load_device
+        with torch.inference_mode(False):
+            samples = cm.build_samples(patcher, latents, positive, device)
+            value = evaluate_denoise_loss(cm.make_predict_x0(patcher), cm.objective_for(patcher), samples, device, seed, levels)
+        return io.NodeOutput(value, ui={"text": [f"{value:.6f}"], "loss": [value]})

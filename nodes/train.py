@@ -1,0 +1,188 @@
+"""LoraLab_TrainLoraNode: the contract's 16 inputs and 4 outputs, as a thin V3 node over training/ and lora/."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..lora import detect_algorithm, get_algorithm
+from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys
+from ..training.checkpointing import gradient_checkpointing
+from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
+from ..training.loop import StepInfo, derive_seed, run_training
+from ..training.lorafile import LoraStateDict, build_metadata, earlier_steps, read_lora_file
+from . import comfy_model as cm
+from .events import send_progress
+
+log = logging.getLogger("loralab")
+
+NO_LORA = "[None]"
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainLoraNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_TrainLoraNode",
+            display_name="Train LoRA (LoRA Lab)",
+            category="LoRA Lab",
+            description="Train a LoRA, LoHa or LoKr adapter on a diffusion model from latents and conditioning.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to train the adapter on. It is not changed."),
+                io.Latent.Input("latents", tooltip="Training images as latents: one batch, or several LATENT inputs (sizes may differ)."),
+                io.Conditioning.Input("positive", tooltip="One conditioning per latent image, or one used for all of them."),
+                io.Int.Input("batch_size", default=1, min=1, max=10000, tooltip="Images per micro-batch (images of one size are batched together)."),
+                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, tooltip="Micro-batches whose gradients are summed into one optimizer step."),
+                io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
+                io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate of the optimizer."),
+                io.Int.Input("rank", default=8, min=1, max=128, tooltip="Rank of the adapter (capacity; alpha = rank, so scale 1)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer."),
+                io.Combo.Input("loss_function", options=list(LOSS_NAMES), default="MSE", tooltip="Distance between prediction and target, in the model family's target space."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for adapter initialisation, batch order, noise levels and noise."),
+                io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype: bf16 autocast where the device supports it, else fp32."),
+                io.Combo.Input("lora_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Dtype of the returned and saved adapter weights (training keeps fp32 master weights)."),
+                io.Combo.Input("algorithm", options=list(ALGORITHM_NAMES), default="LoRA", tooltip="Adapter algorithm."),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute block activations in backward: less memory, ~30% more compute."),
+                io.Combo.Input("existing_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")], default=NO_LORA,
+                               tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model_with_lora", tooltip="The input model with the trained adapter applied."),
+                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The adapter weights (save them with a Save LoRA node)."),
+                io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="{'loss': [one value per optimizer step]}"),
+                io.Int.Output(display_name="steps", tooltip="Total steps, including those of existing_lora."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, existing_lora=None, **kwargs) -> bool | str:
+        for name in existing_lora or []:
+            if name != NO_LORA and folder_paths.get_full_path("loras", name) is None:
+                return f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]"
+        return True
+
+    @classmethod
+    def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+        args = {k: v[0] for k, v in widgets.items()}  # is_input_list: every widget arrives as a list
+        existing = args.pop("existing_lora")
+        config = TrainConfig(**args)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        lora_sd, losses, earlier = train(model[0], latents, positive, config, existing, node_id)
+        model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
+        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses}, earlier + config.steps)
+
+
+def train(model, latents, positive, config: TrainConfig, existing: str, node_id) -> tuple[LoraStateDict, list[float], int]:
+    """Clone the model, attach adapters to the clone's layers for the run only, train, return the weights."""
+    adapter_dtype = DTYPES[config.lora_dtype]
+    file_sd, meta, earlier, carried = {}, {}, 0, {}
+    if existing and existing != NO_LORA:
+        file_sd, meta, earlier = _read_existing(existing, config.algorithm)
+
+    patcher = model.clone()
+    with cm.training_mode():
+        diffusion = patcher.model.diffusion_model
+        targets = find_targets(diffusion)
+        device = patcher.load_device
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
+        adapters = AdapterSet.create(targets, config.algorithm, config.rank, config.alpha, gen, device=device)
+        if file_sd:
+            carried = _load_existing(adapters, file_sd, targets, existing, config, device)
+            if carried:  # what we do not train still shapes what the adapter learns
+                patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        cm.materialize_inference_tensors(patcher.model)
+        samples = cm.build_samples(patcher, latents, positive, device)
+        bar = _Progress(config.steps, node_id)
+        try:
+            with frozen(diffusion), adapters.attached(diffusion), gradient_checkpointing(diffusion, config.gradient_checkpointing):
+                result = run_training(
+                    params=list(adapters.parameters()),
+                    samples=samples,
+                    predict_x0=cm.make_predict_x0(patcher),
+                    objective=cm.objective_for(patcher),
+                    config=config,
+                    device=device,
+                    autocast_dtype=cm.autocast_dtype(config.training_dtype, device),
+                    on_step=bar.update,
+                    check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                )
+        finally:
+            bar.close()
+    sd = LoraStateDict(adapters.state_dict_for_file(dtype=adapter_dtype))
+    sd.update(carried)
+    sd.metadata = build_metadata(
+        steps=earlier + config.steps, algorithm=config.algorithm, rank=config.rank,
+        alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
+        optimizer=config.optimizer, learning_rate=config.learning_rate,
+        loss=result.losses[-1], training_dtype=config.training_dtype, lora_dtype=config.lora_dtype,
+        model_family=type(patcher.model.model_config).__name__, dataset_size=len(samples),
+        pack_version=__version__,
+    )  # fmt: skip
+    return sd, result.losses, earlier
+
+
+def _read_existing(name: str, algorithm: str) -> tuple[dict, dict, int]:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
+    sd, meta = read_lora_file(path)
+    found = detect_algorithm(sd.keys())
+    if found is None:
+        raise ValueError(f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]")
+    if found != algorithm:
+        raise ValueError(f"existing_lora: {name!r} is a {found} file but algorithm is {algorithm}; set algorithm to {found} or pick another file")
+    earlier, source = earlier_steps(meta, os.path.basename(path))
+    if source == "none":
+        log.warning("LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name)
+    return sd, meta, earlier
+
+
+def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str, config: TrainConfig, device) -> dict:
+    """Adapters of the file replace the fresh ones layer by layer. Returns the keys that are not
+    adapters of our target layers (norm/bias deltas of ComfyUI's built-in trainer, layers we do not
+    target): they are applied during training and written back unchanged."""
+    groups, rest = group_file_keys(file_sd, targets)
+    if not groups:
+        example = next(iter(file_sd), "?")
+        raise ValueError(f"existing_lora: no layer of {name!r} (e.g. {example!r}) is in this model; it was trained for another model")
+    cls = get_algorithm(config.algorithm)
+    for path, group in groups.items():
+        shape, conv = targets[path]
+        try:
+            adapters[path] = cls.from_adapter_state_dict({k: v.float() for k, v in group.items()}, shape, conv=conv, device=device)
+        except ValueError as e:
+            raise ValueError(f"existing_lora: {name!r}, layer {path}: {e}") from e
+    return rest
+
+
+class _Progress:
+    """One tick per optimizer step: ComfyUI's progress bar, a console tqdm bar with the loss, and the
+    pack's own websocket event for the live view."""
+
+    def __init__(self, total: int, node_id):
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
+
+    def update(self, info: StepInfo) -> None:
+        self.bar.update(1)
+        self.tqdm.update(1)
+        self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)
+        send_progress(self.node_id, info)
+
+    def close(self) -> None:
+        self.tqdm.close()

@@ -1,0 +1,152 @@
+"""training/plotting.py: the PIL loss chart (pure, no ComfyUI)."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.plotting import ema, nice_ticks, render_loss_plot
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+
+def _realistic(n: int, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        base = 0.08 + 0.85 * math.exp(-i / (n / 5.5))
+        out.append(max(0.005, base + rng.gauss(0, 0.05) * (0.35 + math.exp(-i / (n / 2.5)))))
+    return out
+
+
+def _plot_area(img: Image.Image) -> np.ndarray:
+    w, h = img.size
+    # inside the axes for the default layout: right of the y labels, below the title, above the x labels
+    return np.asarray(img.convert("RGB"))[int(h * 0.14) : int(h * 0.88), int(w * 0.09) : int(w * 0.97)]
+
+
+def _curve_pixels(img: Image.Image) -> int:
+    """Blue-ish pixels (the raw and EMA curves)."""
+    a = _plot_area(img).astype(int)
+    return int(((a[..., 2] - a[..., 0] > 40) & (a[..., 2] > 120)).sum())
+
+
+def _dark_pixels(img: Image.Image) -> int:
+    a = _plot_area(img).astype(int)
+    return int((a.sum(axis=-1) < 600).sum())
+
+
+CASES = {
+    "empty": [],
+    "one": [0.42],
+    "two": [0.5, 0.4],
+    "flat": [0.25] * 50,
+    "flat_zero": [0.0] * 30,
+    "nan_inf": [1.0, 0.8, float("nan"), 0.5, float("inf"), 0.45, float("-inf"), 0.4],
+    "all_nan": [float("nan")] * 5,
+    "many": _realistic(500),
+    "huge": [1e12 * (1 + 0.1 * math.sin(i)) for i in range(40)],
+    "tiny": [1e-9 * (1 + 0.01 * math.cos(i)) for i in range(40)],
+    "negative": [math.sin(i / 5) for i in range(100)],
+    "spike": [50.0] + [0.1 + 0.001 * (i % 7) for i in range(200)],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plot_cases_render(name):
+    img = render_loss_plot(CASES[name])
+    assert isinstance(img, Image.Image)
+    assert img.size == (900, 500)
+    assert img.mode == "RGB"
+    assert _dark_pixels(img) > 50, "the plot area should hold text, markers or curves"
+    if name not in ("empty", "all_nan"):
+        assert _curve_pixels(img) > 20, "a curve or a point should be drawn"
+
+
+@pytest.mark.parametrize("size", [(900, 500), (640, 360), (1600, 900), (300, 200), (240, 160)])
+def test_plot_sizes(size):
+    img = render_loss_plot(_realistic(120), width=size[0], height=size[1])
+    assert img.size == size
+    assert _curve_pixels(img) > 20
+
+
+def test_plot_too_small_refused():
+    with pytest.raises(ValueError, match="at least"):
+        render_loss_plot([1.0], width=100, height=100)
+
+
+def test_plot_accepts_numpy_and_tensors():
+    import torch
+
+    assert render_loss_plot(np.linspace(1, 0.1, 20)).size == (900, 500)
+    assert render_loss_plot(torch.linspace(1, 0.1, 20)).size == (900, 500)
+
+
+def test_plot_is_deterministic():
+    a = render_loss_plot(_realistic(300))
+    b = render_loss_plot(_realistic(300))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_plot_differs_with_data():
+    assert render_loss_plot(_realistic(300, 1)).tobytes() != render_loss_plot(_realistic(300, 2)).tobytes()
+
+
+def test_non_finite_steps_are_marked_in_red():
+    img = render_loss_plot([1.0, 0.9, float("nan"), 0.7, 0.6, 0.5])
+    a = np.asarray(img).astype(int)
+    red = (a[..., 0] > 180) & (a[..., 1] < 90) & (a[..., 2] < 90)
+    assert red.sum() > 5
+
+
+def test_plot_long_run_is_fast_enough():
+    import time
+
+    t0 = time.perf_counter()
+    img = render_loss_plot(_realistic(50_000))
+    assert img.size == (900, 500)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_nice_ticks_are_round():
+    ticks, step = nice_ticks(0.0123, 0.987)
+    assert step in (0.1, 0.2, 0.25, 0.5)
+    assert all(abs(t / step - round(t / step)) < 1e-9 for t in ticks)
+    assert ticks[0] >= 0.0123 - 1e-12 and ticks[-1] <= 0.987 + 1e-12
+    ticks, step = nice_ticks(1, 500, integer=True)
+    assert step == 100 and ticks == [100, 200, 300, 400, 500]
+    ticks, step = nice_ticks(1, 3, integer=True)
+    assert step == 1 and ticks == [1, 2, 3]
+
+
+def test_ema_smooths_and_skips_non_finite():
+    values = [1.0, float("nan"), 1.0, 1.0]
+    out = ema(values, 5)
+    assert out == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    assert math.isnan(ema([float("nan"), 2.0], 3)[0])
+    noisy = [(-1) ** i for i in range(100)]
+    smooth = ema(noisy, 20)
+    assert max(abs(v) for v in smooth[50:]) < 0.2
+
+
+def test_save_sample_png():
+    """Writes artifacts/loss_plot_sample.png (look at it) and checks it reads back."""
+    values = _realistic(500)
+    values[123] = float("nan")
+    values[300] = float("inf")
+    img = render_loss_plot(values, title="Training loss (sample: 500 steps, 2 non-finite)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "loss_plot_sample.png"
+    img.save(path)
+    back = Image.open(io.BytesIO(path.read_bytes()))
+    assert back.size == (900, 500)
+    for name in ("empty", "one", "flat", "nan_inf"):
+        render_loss_plot(CASES[name], title=f"Training loss ({name})").save(
+            ARTIFACTS / f"loss_plot_{name}.png"
+        )

@@ -1,0 +1,56 @@
+"""Name -> constructor tables for optimizers and losses. An unknown name raises, naming the options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9, foreach=True)
+
+
+def _rmsprop(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": _adamw,
+    "Adam": _adam,
+    "SGD": _sgd,
+    "RMSprop": _rmsprop,
+}
+
+LOSSES: dict[str, LossFn] = {
+    "MSE": F.mse_loss,
+    "L1": F.l1_loss,
+    "Huber": lambda pred, target: F.huber_loss(pred, target, delta=1.0),
+    "SmoothL1": lambda pred, target: F.smooth_l1_loss(pred, target, beta=1.0),
+}
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    return OPTIMIZERS[name](list(params), lr, weight_decay)
+
+
+def make_loss(name: str) -> LossFn:
+    if name not in LOSSES:
+        raise ValueError(f"loss_function must be one of {', '.join(LOSSES)}; got {name!r}")
+    return LOSSES[name]

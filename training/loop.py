@@ -1,0 +1,146 @@
+"""The training loop. Reads top to bottom in a fixed order per optimizer step:
+learning rate -> micro-steps (loss / accumulation, backward) -> finite check + clip -> step -> zero_grad -> report.
+
+It takes the model call, the data and the callbacks as arguments and knows nothing of ComfyUI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TrainConfig
+from .data import Sample, batch_order, collate
+from .factory import make_loss, make_optimizer
+from .objective import Objective, denoise_loss
+
+PredictX0 = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """Independent 64-bit seeds per purpose ("init", "data", ...) from the one user seed."""
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class StepInfo:
+    step: int  # 1-based optimizer step
+    total: int
+    loss: float  # mean loss over the step's micro-batches
+    lr: float
+    elapsed: float  # seconds since the first step started
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.step / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+class TrainingDiverged(FloatingPointError):
+    """Loss or gradients became non-finite; parameters were left at their last finite values."""
+
+
+def run_training(
+    *,
+    params: Sequence[torch.nn.Parameter],
+    samples: Sequence[Sample],
+    predict_x0: PredictX0,
+    objective: Objective,
+    config: TrainConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> TrainResult:
+    """Train `params` for config.steps optimizer steps on the denoising objective.
+
+    predict_x0(x_t [B,C,...], sigma [B], cond) -> x0 estimate; samples hold latents in model space.
+    Raises TrainingDiverged (naming learning_rate) before a non-finite update is applied.
+    """
+    _require_samples(samples)
+    params = list(params)
+    optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    loss_fn = make_loss(config.loss_function)
+    gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
+    order = batch_order(samples, config.batch_size, gen)
+    accum = config.grad_accumulation_steps
+    clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+    result = TrainResult()
+    t0 = time.perf_counter()
+
+    for step in range(1, config.steps + 1):
+        lr = config.learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        step_loss = 0.0
+        for _ in range(accum):
+            if check_interrupt is not None:
+                check_interrupt()
+            indices = next(order)
+            x0, cond = collate(samples, indices, device)
+            sigma = objective.sample_sigmas(len(indices), gen)
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = denoise_loss(lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma)
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"training diverged at step {step} (loss={step_loss}, grad norm={float(grad_norm)}): "
+                f"lower learning_rate (now {config.learning_rate:g})"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        result.losses.append(step_loss)
+        if on_step is not None:
+            on_step(StepInfo(step, config.steps, step_loss, lr, time.perf_counter() - t0))
+    return result
+
+
+@torch.no_grad()
+def evaluate_denoise_loss(
+    predict_x0: PredictX0,
+    objective: Objective,
+    samples: Sequence[Sample],
+    device: torch.device,
+    seed: int = 0,
+    levels: int = 8,
+) -> float:
+    """Mean MSE (target space) over every sample at `levels` evenly spaced noise levels with fixed
+    noise: the same number for the same model, so before/after comparisons are fair."""
+    _require_samples(samples)
+    percents = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    sigmas = objective.sigmas_from_percents(percents)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "eval"))
+    mse = make_loss("MSE")
+    total = 0.0
+    for i in range(len(samples)):
+        x0, cond = collate(samples, [i], device)
+        for s in sigmas:
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+            total += denoise_loss(lambda xt, sg, c=cond: predict_x0(xt, sg, c), objective, mse, x0, noise, s.view(1)).item()
+    return total / (len(samples) * levels)
+
+
+def _require_samples(samples: Sequence[Sample]) -> None:
+    if not samples:
+        raise ValueError("latents is empty: give at least one latent image")

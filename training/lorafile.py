@@ -1,0 +1,582 @@
+"""Reading and writing LoRA files (safetensors only), naming them, and their metadata.
+
+No ComfyUI imports: this module is used by the nodes, by the trainer and by plain tests.
+
+Conventions:
+
+* A LoRA state dict maps ``diffusion_model.<module path>.<suffix>`` to tensors, which is what
+  ComfyUI's own "Save LoRA Weights" / "Load LoRA Model" nodes consume.  :class:`LoraStateDict` is
+  such a plain dict with an extra ``metadata`` attribute, so stock nodes keep working with it.
+* Files are written atomically (temporary file in the same folder, fsync, rename) and never
+  overwrite an existing file unless asked to.
+* Pickle-based files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``, ...) are refused and never unpickled.
+* File names: ``<prefix>_<steps>_steps_<counter:05>.safetensors`` (or ``<prefix>_<counter:05>``
+  without a step count).  The step count sits between ``_`` and ``_steps_`` as in the names of
+  ComfyUI's built-in SaveLoRA, so the built-in trainer's ``existing_lora`` can continue from our
+  files too; the counter always grows per prefix, whatever the step count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "LORA_SUFFIX",
+    "LoraStateDict",
+    "PICKLE_SUFFIXES",
+    "save_lora_file",
+    "read_lora_file",
+    "earlier_steps",
+    "next_free_path",
+    "safe_prefix",
+    "build_metadata",
+    "base_model_info",
+]
+
+LORA_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th"})
+
+# Largest JSON header we accept when checking a file (safetensors itself caps it at 100 MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class LoraStateDict(dict):
+    """``dict[str, Tensor]`` of LoRA weights plus ``metadata: dict[str, str]``.
+
+    A plain dict subclass, so ComfyUI's stock LORA_MODEL consumers (``SaveLoRA``,
+    ``LoraModelLoader``, ``comfy.sd.load_lora_for_models``) and ``safetensors.torch.save_file``
+    accept it unchanged.
+    """
+
+    def __init__(self, *args, metadata: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def copy(self) -> LoraStateDict:  # dict.copy() would drop the metadata
+        return LoraStateDict(self, metadata=self.metadata)
+
+    def __repr__(self) -> str:
+        return f"LoraStateDict({len(self)} tensors, {len(self.metadata)} metadata keys)"
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"LoRA metadata keys must be str, got {type(key).__name__} {key!r}")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"LoRA metadata value for {key!r} must be str, got {type(value).__name__}; "
+                "convert it with str() or json.dumps() first"
+            )
+        out[key] = value
+    return out
+
+
+def _prepare_tensors(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Check keys and values, refuse non-finite weights, return contiguous CPU tensors that share
+    no storage (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen_ptrs: set[int] = set()
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise TypeError(f"LoRA state dict keys must be str, got {type(key).__name__} {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"LoRA state dict value {key!r} is a {type(value).__name__}, not a tensor")
+        t = value.detach()
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"refusing to save {path}: weight {key!r} has {bad} NaN/inf values of {t.numel()}; the "
+                "training diverged, lower the learning rate or train in a wider dtype (fp32/bf16)"
+            )
+        t = t.to("cpu").contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen_ptrs:
+                t = t.clone()
+            else:
+                seen_ptrs.add(ptr)
+        out[key] = t
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished temporary file to its final name."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    # A hard link fails when the target exists: an atomic "rename unless taken".
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Filesystems without hard links: check, then rename (a small race is unavoidable).
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def save_lora_file(
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``sd`` (and string ``metadata``) to ``path`` as safetensors, atomically.
+
+    The data go to ``<name>.tmp-<pid>`` in the same folder, are fsynced and then renamed.  Refuses
+    to replace an existing file unless ``overwrite=True`` (``FileExistsError``), refuses NaN/inf
+    weights (``ValueError`` naming the first bad key) and non-str metadata (``TypeError``).  Missing
+    parent folders are created.  On any error the temporary file is removed and nothing is left at
+    ``path``.  Returns the absolute path written.
+    """
+    path = Path(path).absolute()
+    if path.suffix.lower() != LORA_SUFFIX:
+        raise ValueError(f"LoRA files are written as {LORA_SUFFIX}, not {path.suffix or 'no suffix'}: {path}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            errno.EEXIST,
+            "refusing to overwrite an existing LoRA file; choose another name or pass overwrite=True",
+            str(path),
+        )
+    meta = _check_metadata(metadata)
+    tensors = _prepare_tensors(sd, path)
+    if not tensors:
+        raise ValueError(f"refusing to write an empty LoRA (no tensors) to {path}")
+
+    # Imported here so that merely importing this module stays cheap.
+    import safetensors.torch
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _publish(tmp, path, overwrite)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST,
+                "refusing to overwrite an existing LoRA file; choose another name or pass overwrite=True",
+                str(path),
+            ) from None
+        except OSError as exc:
+            message = (
+                f"could not write LoRA file {path}: {exc.strerror or exc}; check that the folder is "
+                "writable and has free space, or choose another filename_prefix"
+            )
+            if exc.errno is None:
+                raise OSError(message) from exc
+            raise OSError(exc.errno, message) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _check_safetensors_layout(path: Path) -> None:
+    """Explain what is wrong with a file that is not a complete safetensors file (ValueError)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"LoRA file {path} is empty (0 bytes); it was probably cut off while being written")
+    if size < 8:
+        raise ValueError(f"LoRA file {path} is truncated ({size} bytes): not a safetensors file")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > _MAX_HEADER_BYTES:
+            raise ValueError(
+                f"LoRA file {path} is not a safetensors file (its first 8 bytes do not give a sane "
+                "header length)"
+            )
+        if 8 + header_len > size:
+            raise ValueError(
+                f"LoRA file {path} is truncated or not a safetensors file: header says {header_len} "
+                f"bytes but the file has {size} bytes"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"LoRA file {path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"LoRA file {path} is not a safetensors file (its header is not a JSON object)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"LoRA file {path} has a malformed safetensors header entry for {key!r}")
+        end = max(end, offsets[1])
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"LoRA file {path} is truncated: its tensors need {8 + header_len + end} bytes but the file "
+            f"has {size}; save or download it again"
+        )
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a ``.safetensors`` LoRA file: ``(tensors, metadata)``.
+
+    Pickle-based formats are refused without being opened.  Empty, truncated or foreign files give a
+    ``ValueError`` naming the file and the problem; a missing file gives ``FileNotFoundError``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"refusing to load {path}: {suffix} files are pickle-based and could run arbitrary code, so "
+            "LoRA Lab never unpickles them; convert the file to .safetensors first"
+        )
+    if suffix != LORA_SUFFIX:
+        raise ValueError(
+            f"refusing to load {path}: only .safetensors LoRA files are read (pickle-based files are "
+            "refused and never unpickled); convert it to .safetensors"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "LoRA file not found", str(path))
+
+    _check_safetensors_layout(path)
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError (an Exception)
+        raise ValueError(f"LoRA file {path} could not be read as safetensors: {exc}") from exc
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Step counts and names
+
+_STEP_KEYS = ("loralab.steps", "ss_steps", "steps")
+_STEPS_IN_NAME = re.compile(r"_(\d+)_?steps(?=_|\.|$)")
+
+
+def _as_step_count(value: object) -> int | None:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        return None
+    return int(number)
+
+
+def earlier_steps(metadata: Mapping[str, str] | None, filename: str | os.PathLike | None) -> tuple[int, str]:
+    """How many steps an existing LoRA was trained for.
+
+    Looks at the metadata keys ``loralab.steps``, ``ss_steps`` and ``steps`` (in that order), then
+    at a ``_<N>_steps`` (or ``_<N>steps``) part of the file name, as in ComfyUI's built-in SaveLoRA
+    names ``<prefix>_<N>_steps_<counter>_.safetensors``.  Returns ``(steps, source)`` with source
+    ``"metadata"``, ``"filename"`` or ``"none"`` (steps 0), so callers can warn on a guess.
+    """
+    for key in _STEP_KEYS:
+        if metadata and key in metadata:
+            steps = _as_step_count(metadata[key])
+            if steps is not None:
+                return steps, "metadata"
+    if filename:
+        matches = _STEPS_IN_NAME.findall(Path(filename).name)
+        if matches:
+            return int(matches[-1]), "filename"
+    return 0, "none"
+
+
+def _counter_pattern(prefix: str, ext: str) -> re.Pattern[str]:
+    # Ours: <prefix>_<counter>.ext, <prefix>_<steps>_steps_<counter>.ext; the built-in SaveLoRA adds a
+    # trailing "_" before the extension.
+    return re.compile(
+        rf"^{re.escape(prefix)}_(?:\d+_?steps_)?(\d+)_?{re.escape(ext)}$",
+        re.IGNORECASE if os.name == "nt" else 0,
+    )
+
+
+def next_free_path(folder: str | os.PathLike, prefix: str, steps: int | None, ext: str = LORA_SUFFIX) -> Path:
+    """A new file name ``<folder>/<prefix>_<steps>_steps_<counter:05><ext>`` that does not exist.
+
+    ``counter`` is one more than the highest counter of any existing file of this prefix (with or
+    without a step count, ours or the built-in SaveLoRA's), so counters never repeat across step
+    counts.  ``prefix`` is a plain file-name stem (use :func:`safe_prefix` for user input and put its
+    folders into ``folder``).  The folder is not created.
+    """
+    folder = Path(folder)
+    if not prefix or "/" in prefix or "\\" in prefix:
+        raise ValueError(f"next_free_path wants a plain file-name prefix, got {prefix!r}")
+    if not ext.startswith("."):
+        ext = "." + ext
+    if steps is not None:
+        steps = int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+    pattern = _counter_pattern(prefix, ext)
+    highest = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            highest = max(highest, int(m.group(1)))
+    counter = highest + 1
+    while True:
+        middle = f"{steps}_steps_" if steps is not None else ""
+        candidate = folder / f"{prefix}_{middle}{counter:05}{ext}"
+        if not os.path.lexists(candidate):
+            return candidate
+        counter += 1
+
+
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)] + [f"LPT{i}" for i in range(1, 10)]
+)
+_MAX_COMPONENT = 150
+
+
+def safe_prefix(prefix: str) -> str:
+    """Validate and clean a user-given ``filename_prefix`` (may hold sub-folders, ``/`` or ``\\``).
+
+    Refused with ``ValueError``: empty prefixes, absolute paths, drive letters, ``..`` components and
+    a trailing separator (no file name).  Cleaned: characters outside ``[A-Za-z0-9._ -]`` become
+    ``_``, leading dots and surrounding spaces of every component are stripped, ``.`` and empty
+    components are dropped.  Returns ``"folder/sub/name"`` with ``/`` separators.
+    """
+    if not isinstance(prefix, str):
+        raise ValueError(f"filename_prefix must be text, got {type(prefix).__name__}")
+    text = prefix.strip().replace("\\", "/")
+    if not text:
+        raise ValueError("filename_prefix is empty; give a name such as 'loralab/my_lora'")
+    if text.startswith("/"):
+        raise ValueError(
+            f"filename_prefix {prefix!r} is an absolute path; give a path relative to the save "
+            "folder, such as 'loralab/my_lora'"
+        )
+    if _DRIVE.match(text):
+        raise ValueError(
+            f"filename_prefix {prefix!r} starts with a drive letter; give a path relative to the save "
+            "folder, such as 'loralab/my_lora'"
+        )
+    if text.endswith("/"):
+        raise ValueError(
+            f"filename_prefix {prefix!r} ends with a folder separator; add a file name after it, such as "
+            f"'{text}my_lora'"
+        )
+    parts: list[str] = []
+    for raw in text.split("/"):
+        if raw.strip() == "..":
+            raise ValueError(
+                f"filename_prefix {prefix!r} contains '..'; files stay inside the folder they are saved to; remove "
+                "the '..' parts"
+            )
+        if raw.strip() in ("", "."):
+            continue
+        part = _BAD_CHARS.sub("_", raw.strip()).lstrip(".").strip()
+        if not part:
+            raise ValueError(
+                f"filename_prefix {prefix!r} has a folder or file name made only of dots or spaces "
+                f"({raw!r}); use letters or digits"
+            )
+        if len(part) > _MAX_COMPONENT:
+            raise ValueError(
+                f"filename_prefix {prefix!r} has a name longer than {_MAX_COMPONENT} characters; shorten it"
+            )
+        if part.split(".")[0].upper() in _WINDOWS_RESERVED:
+            part = "_" + part
+        parts.append(part)
+    if not parts:
+        raise ValueError(
+            f"filename_prefix {prefix!r} has no usable name; give a name such as 'loralab/my_lora'"
+        )
+    return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+PACK_NAME = "LoRA Lab"
+MODELSPEC_VERSION = "1.0.0"
+# The tensor keys are ComfyUI module paths, so ComfyUI is the implementation they follow.
+MODELSPEC_IMPLEMENTATION = "https://github.com/comfyanonymous/ComfyUI"
+
+# family key -> (modelspec architecture, ss_base_model_version)
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "sd1": ("stable-diffusion-v1", "sd_v1"),
+    "sd2": ("stable-diffusion-v2-512", "sd_v2"),
+    "sd2v": ("stable-diffusion-v2-768-v", "sd_v2"),
+    "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+    "sdxlrefiner": ("stable-diffusion-xl-v1-refiner", "sdxl_refiner_v1-0"),
+    "sd3": ("stable-diffusion-3", "sd3"),
+    "flux": ("flux-1", "flux1"),
+}
+
+
+def base_model_info(family: str | None) -> tuple[str, str]:
+    """``(modelspec architecture, ss_base_model_version)`` for a base-model family name.
+
+    Accepts loose spellings and ComfyUI model-config class names: ``sd15``/``SD15``/``sd1.5``,
+    ``sd2``/``SD20``/``SD21UnclipL``, ``sdxl``/``SDXL``, ``SDXLRefiner``, ``sd3``/``SD3``, ``flux``/``Flux``.
+    Unknown names are passed through (lower-cased, cleaned); None gives ``("unknown", "unknown")``.
+    """
+    key = re.sub(r"[^a-z0-9]", "", str(family or "").lower())
+    if key in ("", "unknown", "basemodel", "none"):  # comfy.model_base.BaseModel serves SD1 and SD2 alike
+        return "unknown", "unknown"
+    if key.startswith("sdxlrefiner"):
+        return _FAMILIES["sdxlrefiner"]
+    if key.startswith("sdxl") or key.startswith("ssd1b"):
+        return _FAMILIES["sdxl"]
+    if key.startswith("sd3"):
+        return _FAMILIES["sd3"]
+    if key.startswith("flux"):
+        return _FAMILIES["flux"]
+    if key.startswith("sd2") or key.startswith("sdv2"):
+        return _FAMILIES["sd2v" if key.endswith("v") else "sd2"]
+    if key.startswith("sd1") or key.startswith("sdv1"):
+        return _FAMILIES["sd1"]
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", str(family).strip().lower()).strip("-") or "unknown"
+    return cleaned, cleaned
+
+
+_ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def _num(value: float | int) -> str:
+    """Shortest round-tripping text of a number (``1e-4`` -> ``'0.0001'``, ``8`` -> ``'8'``)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def build_metadata(
+    *,
+    steps: int,
+    algorithm: str = "lora",
+    rank: int | None = None,
+    alpha: float | None = None,
+    seed: int | None = None,
+    optimizer: str | None = None,
+    learning_rate: float | None = None,
+    loss: float | None = None,
+    training_dtype: str | None = None,
+    lora_dtype: str | None = None,
+    model_family: str | None = None,
+    base_model: str | None = None,
+    dataset_size: int | None = None,
+    pack_version: str | None = None,
+    title: str | None = None,
+    resolution: str | None = None,
+    date: _dt.datetime | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """String metadata for a trained adapter: ``loralab.*``, kohya ``ss_*`` and SAI ModelSpec keys.
+
+    ``algorithm`` is ``"lora"``, ``"loha"`` or ``"lokr"`` (other LyCORIS names pass through).
+    ``loss`` is the final (or smoothed final) training loss.  ``model_family`` (alias ``base_model``)
+    names the base model, best as ComfyUI's model-config class name (``SD15``, ``SDXL``, ``SD3``,
+    ``Flux``; see :func:`base_model_info`).  Keys whose value is None are left out.
+    ``extra`` entries are added last as ``str(value)`` (already ``str`` values are kept as they are).
+    """
+    algo = (algorithm or "lora").strip().lower()
+    if model_family is None:
+        model_family = base_model
+    arch, base_version = base_model_info(model_family)
+    when = (date or _dt.datetime.now(_dt.timezone.utc)).replace(microsecond=0)
+    if when.tzinfo is None:
+        when = when.astimezone()
+    iso_date = when.isoformat()
+
+    md: dict[str, str | None] = {
+        "loralab.format_version": "1",
+        "loralab.steps": _num(int(steps)),
+        "loralab.algorithm": algo,
+        "loralab.rank": None if rank is None else _num(int(rank)),
+        "loralab.alpha": None if alpha is None else _num(alpha),
+        "loralab.seed": None if seed is None else _num(int(seed)),
+        "loralab.optimizer": optimizer,
+        "loralab.learning_rate": None if learning_rate is None else _num(learning_rate),
+        "loralab.final_loss": None if loss is None else _num(loss),
+        "loralab.training_dtype": training_dtype,
+        "loralab.lora_dtype": lora_dtype,
+        "loralab.model_family": None if model_family is None else str(model_family),
+        "loralab.dataset_size": None if dataset_size is None else _num(int(dataset_size)),
+        "loralab.version": pack_version,
+        # kohya-ss / A1111 readers
+        "ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
+        "ss_network_dim": None if rank is None else _num(int(rank)),
+        "ss_network_alpha": None if alpha is None else _num(alpha),
+        "ss_network_args": None if algo == "lora" else json.dumps({"algo": algo}),
+        "ss_steps": _num(int(steps)),
+        "ss_max_train_steps": _num(int(steps)),
+        "ss_learning_rate": None if learning_rate is None else _num(learning_rate),
+        "ss_unet_lr": None if learning_rate is None else _num(learning_rate),
+        "ss_seed": None if seed is None else _num(int(seed)),
+        "ss_optimizer": optimizer,
+        "ss_num_train_images": None if dataset_size is None else _num(int(dataset_size)),
+        "ss_base_model_version": base_version,
+        "ss_network_train_unet_only": "True",
+        "ss_training_finished_at": _num(int(when.timestamp())),
+        # SAI ModelSpec 1.0.0
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{arch}/{algo}",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.title": title or f"{PACK_NAME} {_ALGO_NAMES.get(algo, algo)} {iso_date}",
+        "modelspec.date": iso_date,
+        "modelspec.resolution": resolution,
+    }
+    out = {k: v for k, v in md.items() if v is not None}
+    for key, value in (extra or {}).items():
+        out[str(key)] = value if isinstance(value, str) else str(value)
+    return out
