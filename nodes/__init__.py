@@ -5,18 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .data import DenoiseLoss, LoadLatentDataset
+from .files import NODES as FILE_NODES
 from .train import TrainLoraNode
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, LoadLatentDataset, DenoiseLoss]
-
-try:  # companion file nodes (save / load / plot)
-    from .files import NODES as _FILE_NODES
-
-    NODE_CLASSES += _FILE_NODES
-except ImportError as e:  # pragma: no cover - only while files.py is being written
-    import logging
-
-    logging.getLogger("loralab").warning("LoRA Lab: file nodes unavailable: %s", e)
+NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, *FILE_NODES, LoadLatentDataset, DenoiseLoss]
 
 
 class LoraLabExtension(ComfyExtension):

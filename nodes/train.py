@@ -69,7 +69,8 @@ class TrainLoraNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, existing_lora=None, **kwargs) -> bool | str:
-        for name in existing_lora or []:
+        names = [existing_lora] if isinstance(existing_lora, str) else existing_lora or []
+        for name in names:
             if name != NO_LORA and folder_paths.get_full_path("loras", name) is None:
                 return f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]"
         return True

@@ -1,0 +1,205 @@
+"""Small builders for API-format ComfyUI prompts, and readers for what such prompts leave behind.
+
+    g = Graph()
+    model = g.unet()
+    latents, positive = g.dataset()
+    trainer = g.train(model, latents, positive, steps=30, algorithm="LoHa")
+    g.save_lora(trainer[1], "e2e/loha", steps=trainer[3])
+    result = client.run(g.prompt)
+
+``Graph.add`` returns a :class:`Node`; ``node[i]`` is the link ``[node_id, i]`` to its output ``i``.
+Node ids are short sequential strings, so two graphs built the same way have the same ids.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from harness.client import RunResult
+from harness.server import DATASET_NAME, MODEL_NAME
+
+NO_LORA = "[None]"
+
+#: The trainer's widget inputs with the contract's defaults (the pack's node and the built-in share them).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "batch_size": 1,
+    "grad_accumulation_steps": 1,
+    "steps": 16,
+    "learning_rate": 0.0005,
+    "rank": 8,
+    "optimizer": "AdamW",
+    "loss_function": "MSE",
+    "seed": 0,
+    "training_dtype": "bf16",
+    "lora_dtype": "bf16",
+    "algorithm": "LoRA",
+    "gradient_checkpointing": True,
+    "existing_lora": NO_LORA,
+}
+
+# Trainer outputs (both trainers).
+MODEL_OUT, LORA_OUT, LOSS_OUT, STEPS_OUT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    class_type: str
+
+    def __getitem__(self, index: int) -> list:
+        return [self.id, index]
+
+
+class Graph:
+    """An API-format prompt under construction (``.prompt`` is what ``POST /prompt`` takes)."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, dict] = {}
+
+    def add(self, class_type: str, **inputs: Any) -> Node:
+        node_id = str(len(self.prompt) + 1)
+        self.prompt[node_id] = {"class_type": class_type, "inputs": dict(inputs)}
+        return Node(node_id, class_type)
+
+    # ------------------------------------------------------------------ sources
+
+    def unet(self, name: str = MODEL_NAME) -> list:
+        """The tiny SD3 model through ComfyUI's UNETLoader: its MODEL link."""
+        return self.add("UNETLoader", unet_name=name, weight_dtype="default")[0]
+
+    def dataset(self, name: str = DATASET_NAME) -> tuple[list, list]:
+        """The pack's latent dataset loader: (LATENT link, CONDITIONING link)."""
+        node = self.add("LoraLab_LoadLatentDataset", dataset=name)
+        return node[0], node[1]
+
+    def empty_latent(self, width: int = 128, height: int = 128, batch_size: int = 1) -> list:
+        return self.add("EmptySD3LatentImage", width=width, height=height, batch_size=batch_size)[0]
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, model, latents, positive, **widgets: Any) -> Node:
+        """The pack's trainer; ``widgets`` override :data:`TRAIN_DEFAULTS`."""
+        return self._trainer("LoraLab_TrainLoraNode", model, latents, positive, widgets)
+
+    def stock_train(self, model, latents, positive, **widgets: Any) -> Node:
+        """ComfyUI's built-in ``TrainLoraNode`` with the same inputs."""
+        return self._trainer("TrainLoraNode", model, latents, positive, widgets)
+
+    def _trainer(self, class_type: str, model, latents, positive, widgets: dict) -> Node:
+        unknown = set(widgets) - set(TRAIN_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown trainer inputs: {sorted(unknown)}")
+        return self.add(class_type, model=model, latents=latents, positive=positive, **{**TRAIN_DEFAULTS, **widgets})
+
+    def denoise_loss(self, model, latents, positive, seed: int = 0, levels: int = 8) -> Node:
+        return self.add("LoraLab_DenoiseLoss", model=model, latents=latents, positive=positive, seed=seed, levels=levels)
+
+    # ------------------------------------------------------------------ LoRA files and loaders
+
+    def save_lora(self, lora, prefix: str, steps=None) -> Node:
+        """The pack's SaveLora (writes into models/loras/)."""
+        inputs: dict[str, Any] = {"lora": lora, "filename_prefix": prefix}
+        if steps is not None:
+            inputs["steps"] = steps
+        return self.add("LoraLab_SaveLora", **inputs)
+
+    def stock_save_lora(self, lora, prefix: str, steps=None) -> Node:
+        """ComfyUI's ``SaveLoRA`` (writes into output/)."""
+        inputs: dict[str, Any] = {"lora": lora, "prefix": prefix}
+        if steps is not None:
+            inputs["steps"] = steps
+        return self.add("SaveLoRA", **inputs)
+
+    def lora_loader(self, model, lora_name: str, strength: float = 1.0) -> list:
+        """ComfyUI's ``LoraLoaderModelOnly`` (a file from the loras folder)."""
+        return self.add("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=strength)[0]
+
+    def lora_model_loader(self, model, lora, strength: float = 1.0) -> list:
+        """ComfyUI's ``LoraModelLoader`` (a LORA_MODEL link)."""
+        return self.add("LoraModelLoader", model=model, lora=lora, strength_model=strength)[0]
+
+    def plot_loss(self, loss, prefix: str) -> Node:
+        return self.add("LoraLab_PlotLoss", loss=loss, filename_prefix=prefix)
+
+    def stock_loss_graph(self, loss, prefix: str) -> Node:
+        return self.add("LossGraphNode", loss=loss, filename_prefix=prefix)
+
+    # ------------------------------------------------------------------ sampling
+
+    def ksampler(self, model, positive, latent_image, *, seed: int = 7, steps: int = 3, cfg: float = 1.0,
+                 sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0) -> Node:
+        return self.add("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                        scheduler=scheduler, positive=positive, negative=positive, latent_image=latent_image,
+                        denoise=denoise)
+
+    def save_latent(self, samples, prefix: str) -> Node:
+        return self.add("SaveLatent", samples=samples, filename_prefix=prefix)
+
+    def sample_and_save(self, model, positive, prefix: str, **sampler: Any) -> Node:
+        """KSampler from an empty 128x128 (16x16 latent) SD3 latent, then SaveLatent. Returns the SaveLatent node."""
+        sampled = self.ksampler(model, positive, self.empty_latent(), **sampler)
+        return self.save_latent(sampled[0], prefix)
+
+
+# ---------------------------------------------------------------------- reading results
+
+
+def cached_nodes(result: RunResult) -> set[str]:
+    """Node ids the server served from its cache (its ``execution_cached`` message)."""
+    out: set[str] = set()
+    for data in result.events_of("execution_cached"):
+        out.update(str(n) for n in data.get("nodes") or [])
+    return out
+
+
+def executed_nodes(result: RunResult) -> set[str]:
+    """Node ids that ran in this prompt (``executing`` messages)."""
+    return {str(d["node"]) for d in result.events_of("executing") if d.get("node") is not None}
+
+
+def denoise_value(result: RunResult, node: Node) -> float:
+    values = result.outputs[node.id]["loss"]
+    assert len(values) == 1, values
+    return float(values[0])
+
+
+def saved_lora(result: RunResult, node: Node) -> tuple[str, pathlib.Path]:
+    """(name relative to the loras folder, absolute path) of a LoraLab_SaveLora node's file."""
+    entries = result.outputs[node.id]["loras"]
+    assert len(entries) == 1, entries
+    path = pathlib.Path(entries[0]["path"])
+    assert path.is_file(), path
+    return entries[0]["filename"], path
+
+
+def lora_metadata(path: pathlib.Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def lora_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def latent_path(result: RunResult, node: Node, output_dir: pathlib.Path) -> pathlib.Path:
+    entries = result.outputs[node.id]["latents"]
+    assert len(entries) == 1, entries
+    e = entries[0]
+    path = output_dir / e["subfolder"] / e["filename"]
+    assert path.is_file(), path
+    return path
+
+
+def load_latent(result: RunResult, node: Node, output_dir: pathlib.Path) -> torch.Tensor:
+    """The tensor a SaveLatent node wrote (a safetensors file, key ``latent_tensor``)."""
+    return load_file(str(latent_path(result, node, output_dir)))["latent_tensor"]
+
+
+def progress_events(result: RunResult, node: Node) -> list[dict]:
+    return [d for d in result.events_of("progress") if str(d.get("node")) == node.id]
