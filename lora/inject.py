@@ -20,6 +20,27 @@ from . import AdapterModule, ConvSpec, get_algorithm, layer_spec
 log = logging.getLogger(__name__)
 
 
+# Glob patterns on module paths (relative to the diffusion model) per preset. Names as ComfyUI builds
+# them: MMDiT attn/attn2/mlp, SD UNet attn1/attn2/ff.net, Flux img_attn/txt_attn/img_mlp/txt_mlp and
+# single_blocks linear1 (fused qkv + mlp in) / linear2, Wan-style self_attn/cross_attn/ffn.
+ATTENTION_PATTERNS = ("*attn*", "*single_blocks.*.linear1", "*single_blocks.*.linear2")
+MLP_PATTERNS = ("*mlp*", "*ff.net*", "*.ff.*", "*ffn*", "*feed_forward*")
+TARGET_PATTERNS: dict[str, tuple[str, ...]] = {
+    "all": ("*",),
+    "attention": ATTENTION_PATTERNS,
+    "attention_mlp": ATTENTION_PATTERNS + MLP_PATTERNS,
+}
+
+
+def target_patterns(preset: str, include: Sequence[str] = ()) -> tuple[str, ...]:
+    """Include patterns: the explicit ones when given, else the preset's."""
+    if include:
+        return tuple(include)
+    if preset not in TARGET_PATTERNS:
+        raise ValueError(f"targets must be one of {', '.join(TARGET_PATTERNS)}; got {preset!r}")
+    return TARGET_PATTERNS[preset]
+
+
 def find_targets(
     root: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
 ) -> dict[str, tuple[tuple[int, ...], ConvSpec | None]]:
@@ -80,6 +101,11 @@ class AdapterSet(nn.Module):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters in a fixed order (by name), whatever order the modules registered them in:
+        optimizer state saved by one run maps onto the parameters of the next."""
+        return [p for _, p in sorted(self.named_parameters(), key=lambda kv: kv[0])]
 
     def items(self) -> Iterator[tuple[str, AdapterModule]]:
         for p in self.paths:

@@ -6,9 +6,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .data import DenoiseLoss, LoadLatentDataset
 from .files import NODES as FILE_NODES
+from .options import TrainingOptions
 from .train import TrainLoraNode
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, *FILE_NODES, LoadLatentDataset, DenoiseLoss]
+NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, LoadLatentDataset, DenoiseLoss]
 
 
 class LoraLabExtension(ComfyExtension):

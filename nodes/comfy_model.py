@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.model_sampling
 import torch
 
+from ..training.config import TrainConfig
 from ..training.data import Sample
 from ..training.objective import Objective
 
@@ -31,9 +32,16 @@ def prediction_type(model_sampling) -> str:
     return "x0"
 
 
-def objective_for(patcher) -> Objective:
+def objective_for(patcher, config: TrainConfig | None = None) -> Objective:
+    """The model's own sampling and target; noise-level options from config (None: plain uniform)."""
     ms = patcher.get_model_object("model_sampling")
-    return Objective(ms, prediction_type(ms))
+    if config is None:
+        return Objective(ms, prediction_type(ms))
+    return Objective(
+        ms, prediction_type(ms), timestep_sampling=config.timestep_sampling, logit_mean=config.logit_mean,
+        logit_std=config.logit_std, flow_shift=config.flow_shift, min_snr_gamma=config.min_snr_gamma,
+        noise_offset=config.noise_offset,
+    )  # fmt: skip
 
 
 def split_latents(latents: Sequence[dict]) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ from ..training.lorafile import (
     LoraStateDict,
     earlier_steps,
     next_free_path,
+    prefix_location,
     read_lora_file,
     safe_prefix,
     save_lora_file,
@@ -109,10 +110,8 @@ class LoraLab_SaveLora(io.ComfyNode):
     def execute(cls, lora, filename_prefix: str, steps: int | None = None) -> io.NodeOutput:
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
-        prefix = safe_prefix(filename_prefix)
         root = _loras_root()
-        sub, _, stem = prefix.rpartition("/")
-        folder = root / sub if sub else root
+        folder, stem = prefix_location(root, filename_prefix)
 
         metadata = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()}
         if steps is not None:
@@ -133,7 +132,7 @@ class LoraLab_SaveLora(io.ComfyNode):
                 continue
         if path is None:
             raise FileExistsError(
-                f"Save LoRA: could not find a free file name for prefix {prefix!r} in {folder}"
+                f"Save LoRA: could not find a free file name for prefix {filename_prefix!r} in {folder}"
             )
 
         rel = path.relative_to(root).as_posix()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -15,17 +16,30 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
-from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys
+from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_patterns
+from ..training.checkpoint import load_training_state, save_training_state, state_path_for
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
-from ..training.loop import StepInfo, derive_seed, run_training
-from ..training.lorafile import LoraStateDict, build_metadata, earlier_steps, read_lora_file
+from ..training.loop import ResumeState, StepInfo, derive_seed, run_training
+from ..training.lorafile import (
+    LoraStateDict,
+    build_metadata,
+    earlier_steps,
+    next_free_path,
+    prefix_location,
+    read_lora_file,
+    save_lora_file,
+)
 from . import comfy_model as cm
 from .events import send_progress
+from .options import OPTIONS_TYPE
 
 log = logging.getLogger("loralab")
 
 NO_LORA = "[None]"
+DEFAULT_CHECKPOINT_PREFIX = "loralab/checkpoints/lora"
+# Settings that must match for a training state's optimizer moments to be reused.
+RESUME_KEYS = ("algorithm", "rank", "alpha", "optimizer", "targets", "include", "exclude")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,6 +71,8 @@ class TrainLoraNode(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute block activations in backward: less memory, ~30% more compute."),
                 io.Combo.Input("existing_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")], default=NO_LORA,
                                tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one."),
+                io.Custom(OPTIONS_TYPE).Input("options", optional=True,
+                                              tooltip="Optional: schedules, targets, noise sampling, checkpoints (Training Options (LoRA Lab))."),
             ],
             outputs=[
                 io.Model.Output(display_name="model_with_lora", tooltip="The input model with the trained adapter applied."),
@@ -76,80 +92,120 @@ class TrainLoraNode(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+    def execute(cls, model, latents, positive, options=None, **widgets) -> io.NodeOutput:
         args = {k: v[0] for k, v in widgets.items()}  # is_input_list: every widget arrives as a list
         existing = args.pop("existing_lora")
-        config = TrainConfig(**args)
+        opts = options[0] if options else {"config": {}, "checkpoint_prefix": DEFAULT_CHECKPOINT_PREFIX}
+        config = TrainConfig(**args, **opts["config"])
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        lora_sd, losses, earlier = train(model[0], latents, positive, config, existing, node_id)
+        lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts["checkpoint_prefix"])
         model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
-        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses}, earlier + config.steps)
+        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses}, total)
 
 
-def train(model, latents, positive, config: TrainConfig, existing: str, node_id) -> tuple[LoraStateDict, list[float], int]:
-    """Clone the model, attach adapters to the clone's layers for the run only, train, return the weights."""
-    adapter_dtype = DTYPES[config.lora_dtype]
-    file_sd, meta, earlier, carried = {}, {}, 0, {}
-    if existing and existing != NO_LORA:
-        file_sd, meta, earlier = _read_existing(existing, config.algorithm)
-
+def train(
+    model, latents, positive, config: TrainConfig, existing: str, node_id, checkpoint_prefix: str
+) -> tuple[LoraStateDict, list[float], int]:
+    """Clone the model, attach adapters to the clone's layers for the run only, train, return the
+    weights, the loss per step and the total step count (earlier steps of existing_lora included)."""
     patcher = model.clone()
-    with cm.training_mode():
+    with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
+        start = _Start.read(existing, config) if existing and existing != NO_LORA else _Start()
         diffusion = patcher.model.diffusion_model
-        targets = find_targets(diffusion)
+        targets = find_targets(diffusion, target_patterns(config.targets, config.include), config.exclude)
+        if not targets:
+            raise ValueError("options: the targets / include / exclude patterns match no Linear or Conv layer of this model")
         device = patcher.load_device
         gen = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
         adapters = AdapterSet.create(targets, config.algorithm, config.rank, config.alpha, gen, device=device)
-        if file_sd:
-            carried = _load_existing(adapters, file_sd, targets, existing, config, device)
-            if carried:  # what we do not train still shapes what the adapter learns
-                patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
+        carried = start.load_into(adapters, targets, config, device)
+        if carried:  # what we do not train still shapes what the adapter learns
+            patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         cm.materialize_inference_tensors(patcher.model)
         samples = cm.build_samples(patcher, latents, positive, device)
+        family = type(patcher.model.model_config).__name__
+
+        def finished_lora(step: int, loss: float) -> LoraStateDict:
+            sd = LoraStateDict(adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]))
+            sd.update(carried)
+            sd.metadata = build_metadata(
+                steps=step, algorithm=config.algorithm, rank=config.rank,
+                alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
+                optimizer=config.optimizer, learning_rate=config.learning_rate, loss=loss,
+                training_dtype=config.training_dtype, lora_dtype=config.lora_dtype, model_family=family,
+                dataset_size=len(samples), pack_version=__version__,
+            )  # fmt: skip
+            return sd
+
+        def save_checkpoint(step: int, total: int, optimizer: torch.optim.Optimizer) -> None:
+            folder, stem = prefix_location(folder_paths.get_folder_paths("loras")[0], checkpoint_prefix)
+            path = next_free_path(folder, stem, step)
+            lora = finished_lora(step, bar.losses[-1])  # on_step has run for this step
+            save_lora_file(lora, path, metadata=lora.metadata)
+            save_training_state(state_path_for(path), adapters.state_dict_for_file(dtype=torch.float32),
+                                optimizer.state_dict(), step, total, config.as_dict())  # fmt: skip
+            log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
+
         bar = _Progress(config.steps, node_id)
         try:
             with frozen(diffusion), adapters.attached(diffusion), gradient_checkpointing(diffusion, config.gradient_checkpointing):
                 result = run_training(
-                    params=list(adapters.parameters()),
+                    params=adapters.trainable_parameters(),
                     samples=samples,
                     predict_x0=cm.make_predict_x0(patcher),
-                    objective=cm.objective_for(patcher),
+                    objective=cm.objective_for(patcher, config),
                     config=config,
                     device=device,
                     autocast_dtype=cm.autocast_dtype(config.training_dtype, device),
+                    resume=ResumeState(start.step, start.step + config.steps, start.optimizer_state),
                     on_step=bar.update,
+                    on_checkpoint=save_checkpoint,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
         finally:
             bar.close()
-    sd = LoraStateDict(adapters.state_dict_for_file(dtype=adapter_dtype))
-    sd.update(carried)
-    sd.metadata = build_metadata(
-        steps=earlier + config.steps, algorithm=config.algorithm, rank=config.rank,
-        alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
-        optimizer=config.optimizer, learning_rate=config.learning_rate,
-        loss=result.losses[-1], training_dtype=config.training_dtype, lora_dtype=config.lora_dtype,
-        model_family=type(patcher.model.model_config).__name__, dataset_size=len(samples),
-        pack_version=__version__,
-    )  # fmt: skip
-    return sd, result.losses, earlier
+    total = start.step + config.steps
+    return finished_lora(total, result.losses[-1]), result.losses, total
 
 
-def _read_existing(name: str, algorithm: str) -> tuple[dict, dict, int]:
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
-    sd, meta = read_lora_file(path)
-    found = detect_algorithm(sd.keys())
-    if found is None:
-        raise ValueError(f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]")
-    if found != algorithm:
-        raise ValueError(f"existing_lora: {name!r} is a {found} file but algorithm is {algorithm}; set algorithm to {found} or pick another file")
-    earlier, source = earlier_steps(meta, os.path.basename(path))
-    if source == "none":
-        log.warning("LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name)
-    return sd, meta, earlier
+class _Start:
+    """Where training starts: nothing, or an existing LoRA file (weights, alpha, earlier steps), plus
+    its training-state sidecar when there is one (fp32 master weights, optimizer state: exact resume)."""
+
+    def __init__(self, name: str = "", weights: dict | None = None, step: int = 0, optimizer_state: dict | None = None):
+        self.name, self.weights, self.step, self.optimizer_state = name, weights or {}, step, optimizer_state
+
+    @classmethod
+    def read(cls, name: str, config: TrainConfig) -> _Start:
+        path = folder_paths.get_full_path("loras", name)
+        if path is None:
+            raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
+        sd, meta = read_lora_file(path)
+        found = detect_algorithm(sd.keys())
+        if found is None:
+            raise ValueError(f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]")
+        if found != config.algorithm:
+            raise ValueError(f"existing_lora: {name!r} is a {found} file but algorithm is {config.algorithm}; "
+                             f"set algorithm to {found} or pick another file")  # fmt: skip
+        step, source = earlier_steps(meta, os.path.basename(path))
+        if source == "none":
+            log.warning("LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name)
+        state_file = state_path_for(path)
+        if not state_file.exists():
+            return cls(name, sd, step)
+        master, optimizer_state, info = load_training_state(state_file)
+        now = json.loads(json.dumps(config.as_dict()))  # as the state file recorded it (tuples -> lists)
+        differ = [k for k in RESUME_KEYS if info["config"].get(k) != now[k]]
+        if differ:
+            log.warning("LoRA Lab: %s has a training state made with other settings (%s); resuming from the weights only",
+                        name, ", ".join(f"{k}: {info['config'].get(k)!r} there, {now[k]!r} now" for k in differ))  # fmt: skip
+            return cls(name, sd, step)
+        rest = {k: v for k, v in sd.items() if k not in master}
+        return cls(name, {**master, **rest}, info["step"], optimizer_state)
+
+    def load_into(self, adapters: AdapterSet, targets: dict, config: TrainConfig, device) -> dict:
+        return _load_existing(adapters, self.weights, targets, self.name, config, device) if self.weights else {}
 
 
 def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str, config: TrainConfig, device) -> dict:
@@ -176,10 +232,12 @@ class _Progress:
 
     def __init__(self, total: int, node_id):
         self.node_id = node_id
+        self.losses: list[float] = []
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
 
     def update(self, info: StepInfo) -> None:
+        self.losses.append(info.loss)
         self.bar.update(1)
         self.tqdm.update(1)
         self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)

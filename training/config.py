@@ -9,6 +9,9 @@ OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD", "RMSprop")
 LOSS_NAMES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
 ALGORITHM_NAMES = ("LoRA", "LoHa", "LoKr")
+SCHEDULE_NAMES = ("constant", "linear", "cosine", "cosine_with_restarts")
+TARGET_PRESETS = ("all", "attention", "attention_mlp")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -30,7 +33,20 @@ class TrainConfig:
     algorithm: str = "LoRA"
     gradient_checkpointing: bool = True
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.0  # 0: no clipping
+    max_grad_norm: float = 1.0  # 0: no clipping
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_cycles: int = 1  # restarts of cosine_with_restarts
+    targets: str = "all"  # preset of layers to train (see lora.inject.TARGET_PATTERNS)
+    include: tuple[str, ...] = ()  # extra glob patterns on module paths; when given, replace the preset
+    exclude: tuple[str, ...] = ()
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0  # extra shift of sampled noise levels for flow models (1 = none)
+    min_snr_gamma: float = 0.0  # 0: off; eps / v models only
+    noise_offset: float = 0.0
+    save_every: int = 0  # optimizer steps between checkpoints; 0: none
 
     def __post_init__(self) -> None:
         _int_range("steps", self.steps, 1, 100_000)
@@ -46,6 +62,20 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        _int_range("warmup_steps", self.warmup_steps, 0, 100_000)
+        _int_range("lr_cycles", self.lr_cycles, 1, 1000)
+        _int_range("save_every", self.save_every, 0, 100_000)
+        if not (self.logit_std > 0):
+            raise ValueError(f"logit_std must be positive, got {self.logit_std!r}")
+        if not (self.flow_shift > 0):
+            raise ValueError(f"flow_shift must be positive (1 = no shift), got {self.flow_shift!r}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0 (0 turns it off), got {self.min_snr_gamma!r}")
+        if not (0 <= self.noise_offset <= 1):
+            raise ValueError(f"noise_offset must be between 0 and 1, got {self.noise_offset!r}")
+        _option("lr_schedule", self.lr_schedule, SCHEDULE_NAMES)
+        _option("targets", self.targets, TARGET_PRESETS)
+        _option("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         _option("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _option("loss_function", self.loss_function, LOSS_NAMES)
         _option("training_dtype", self.training_dtype, DTYPE_NAMES)

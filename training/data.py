@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,21 +20,40 @@ class Sample:
         return (tuple(self.latent.shape), tuple(sorted((k, tuple(v.shape)) for k, v in self.cond.items())))
 
 
-def batch_order(samples: Sequence[Sample], batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Endless epochs of index batches. Each batch holds samples of one shape; a bucket smaller than
-    batch_size gives smaller batches. Order is a pure function of the generator's state."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        buckets.setdefault(s.bucket_key(), []).append(i)
-    groups = list(buckets.values())
-    while True:
-        epoch: list[list[int]] = []
-        for group in groups:
-            perm = torch.randperm(len(group), generator=generator).tolist()
+class BatchOrder:
+    """Seeded epochs of index batches, addressed by the global micro-batch number, so a resumed run
+    picks up exactly where a stopped one was. Each batch holds samples of one shape (a bucket smaller
+    than batch_size gives smaller batches); every epoch visits every sample once."""
+
+    def __init__(self, samples: Sequence[Sample], batch_size: int, seed: int):
+        buckets: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            buckets.setdefault(s.bucket_key(), []).append(i)
+        self.groups = list(buckets.values())
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = sum(math.ceil(len(g) / batch_size) for g in self.groups)
+        self._epoch = -1
+        self._plan: list[list[int]] = []
+
+    def __call__(self, micro: int) -> list[int]:
+        epoch, pos = divmod(micro, self.per_epoch)
+        if epoch != self._epoch:
+            self._plan, self._epoch = self._make_epoch(epoch), epoch
+        return self._plan[pos]
+
+    def _make_epoch(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        batches: list[list[int]] = []
+        for group in self.groups:
+            perm = torch.randperm(len(group), generator=gen).tolist()
             shuffled = [group[j] for j in perm]
-            epoch.extend(shuffled[k : k + batch_size] for k in range(0, len(shuffled), batch_size))
-        for j in torch.randperm(len(epoch), generator=generator).tolist():
-            yield epoch[j]
+            batches.extend(shuffled[k : k + self.batch_size] for k in range(0, len(shuffled), self.batch_size))
+        return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def mix_seed(seed: int, n: int) -> int:
+    return (seed * 6364136223846793005 + n * 1442695040888963407 + 1) % (1 << 63)
 
 
 def collate(samples: Sequence[Sample], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, dict]:

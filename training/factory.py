@@ -34,11 +34,12 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "RMSprop": _rmsprop,
 }
 
+# Element-wise (reduction="none"): the objective reduces per sample, so it can weight samples.
 LOSSES: dict[str, LossFn] = {
-    "MSE": F.mse_loss,
-    "L1": F.l1_loss,
-    "Huber": lambda pred, target: F.huber_loss(pred, target, delta=1.0),
-    "SmoothL1": lambda pred, target: F.smooth_l1_loss(pred, target, beta=1.0),
+    "MSE": lambda pred, target: F.mse_loss(pred, target, reduction="none"),
+    "L1": lambda pred, target: F.l1_loss(pred, target, reduction="none"),
+    "Huber": lambda pred, target: F.huber_loss(pred, target, reduction="none", delta=1.0),
+    "SmoothL1": lambda pred, target: F.smooth_l1_loss(pred, target, reduction="none", beta=1.0),
 }
 
 

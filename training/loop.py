@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import TrainConfig
-from .data import Sample, batch_order, collate
+from .data import BatchOrder, Sample, collate, mix_seed
 from .factory import make_loss, make_optimizer
 from .objective import Objective, denoise_loss
+from .schedule import lr_at
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
@@ -54,6 +55,15 @@ class TrainingDiverged(FloatingPointError):
     """Loss or gradients became non-finite; parameters were left at their last finite values."""
 
 
+@dataclass
+class ResumeState:
+    """Where a stopped run was: optimizer steps done, the run's planned total, optimizer state."""
+
+    step: int
+    total_steps: int
+    optimizer_state: dict | None = None
+
+
 def run_training(
     *,
     params: Sequence[torch.nn.Parameter],
@@ -63,38 +73,50 @@ def run_training(
     config: TrainConfig,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    resume: ResumeState | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_checkpoint: Callable[[int, int, torch.optim.Optimizer], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `params` for config.steps optimizer steps on the denoising objective.
 
     predict_x0(x_t [B,C,...], sigma [B], cond) -> x0 estimate; samples hold latents in model space.
-    Raises TrainingDiverged (naming learning_rate) before a non-finite update is applied.
+    Batch order, noise levels and noise are pure functions of (seed, global micro-batch number) and
+    the learning rate of (step, planned total), so a run resumed from `resume` (optimizer state
+    restored) continues exactly as if it had never stopped. on_checkpoint(step, total, optimizer) is
+    called every config.save_every steps. Raises TrainingDiverged (naming learning_rate) before a
+    non-finite update is applied.
     """
     _require_samples(samples)
     params = list(params)
     optimizer = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    start = resume.step if resume else 0
+    total = resume.total_steps if resume else config.steps
+    if resume and resume.optimizer_state is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
     loss_fn = make_loss(config.loss_function)
-    gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
-    order = batch_order(samples, config.batch_size, gen)
+    order = BatchOrder(samples, config.batch_size, derive_seed(config.seed, "order"))
+    noise_seed = derive_seed(config.seed, "noise")
     accum = config.grad_accumulation_steps
     clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
     result = TrainResult()
     t0 = time.perf_counter()
 
-    for step in range(1, config.steps + 1):
-        lr = config.learning_rate
+    for step in range(start + 1, start + config.steps + 1):
+        lr = lr_at(step, total, config.learning_rate, config.lr_schedule, config.warmup_steps, config.lr_cycles)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         step_loss = 0.0
-        for _ in range(accum):
+        for k in range(accum):
             if check_interrupt is not None:
                 check_interrupt()
-            indices = next(order)
+            micro = (step - 1) * accum + k
+            gen = torch.Generator().manual_seed(mix_seed(noise_seed, micro))
+            indices = order(micro)
             x0, cond = collate(samples, indices, device)
             sigma = objective.sample_sigmas(len(indices), gen)
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+            noise = objective.sample_noise(x0.shape, gen).to(device=device, dtype=x0.dtype)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss = denoise_loss(lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma)
             (loss / accum).backward()
@@ -112,7 +134,9 @@ def run_training(
 
         result.losses.append(step_loss)
         if on_step is not None:
-            on_step(StepInfo(step, config.steps, step_loss, lr, time.perf_counter() - t0))
+            on_step(StepInfo(step - start, config.steps, step_loss, lr, time.perf_counter() - t0))
+        if on_checkpoint is not None and config.save_every and step % config.save_every == 0:
+            on_checkpoint(step, total, optimizer)
     return result
 
 

@@ -338,6 +338,14 @@ def _counter_pattern(prefix: str, ext: str) -> re.Pattern[str]:
     )
 
 
+def prefix_location(root: str | os.PathLike, user_prefix: str) -> tuple[Path, str]:
+    """A user's ``filename_prefix`` (may hold sub-folders) -> (folder under root, file-name stem),
+    validated and sanitised by :func:`safe_prefix`, so the result never leaves ``root``."""
+    sub, _, stem = safe_prefix(user_prefix).rpartition("/")
+    root = Path(root)
+    return (root / sub if sub else root), stem
+
+
 def next_free_path(folder: str | os.PathLike, prefix: str, steps: int | None, ext: str = LORA_SUFFIX) -> Path:
     """A new file name ``<folder>/<prefix>_<steps>_steps_<counter:05><ext>`` that does not exist.
 

@@ -35,10 +35,18 @@ class Objective:
 
     sampling: Any
     prediction: str
+    timestep_sampling: str = "uniform"  # or "logit_normal" (SD3 paper): noise level t = sigmoid(N(mean, std))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0  # flow models: sigma -> shift*sigma / (1 + (shift-1)*sigma), on top of the model's own
+    min_snr_gamma: float = 0.0  # eps / v models: weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
+    noise_offset: float = 0.0  # per-sample, per-channel constant added to the noise
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}")
 
     @property
     def sigma_data(self) -> float:
@@ -49,9 +57,34 @@ class Objective:
         return torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], dtype=torch.float32)
 
     def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n noise levels, uniform in the model's own percent-of-schedule space."""
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        return self.sigmas_from_percents(PERCENT_MARGIN + u * (1 - 2 * PERCENT_MARGIN))
+        """n noise levels drawn in the model's own percent-of-schedule space (uniform or
+        logit-normal), then shifted for flow models when flow_shift != 1."""
+        if self.timestep_sampling == "logit_normal":
+            t = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean)
+            u = 1.0 - t  # t is "how noisy"; percent 0 is the noisiest end
+        else:
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+        sigmas = self.sigmas_from_percents(PERCENT_MARGIN + u * (1 - 2 * PERCENT_MARGIN))
+        if self.prediction == "flow" and self.flow_shift != 1.0:
+            s = self.flow_shift
+            sigmas = s * sigmas / (1 + (s - 1) * sigmas)
+        return sigmas
+
+    def sample_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise [B, C, ...] (fp32, CPU), plus the noise offset if set."""
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if self.noise_offset > 0:
+            offset = torch.randn(shape[:2], generator=generator, dtype=torch.float32)
+            noise = noise + self.noise_offset * offset.reshape(*shape[:2], *([1] * (len(shape) - 2)))
+        return noise
+
+    def sample_weights(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights [B] (min-SNR-gamma), or None for equal weights."""
+        if self.min_snr_gamma <= 0 or self.prediction not in ("eps", "v"):
+            return None
+        snr = (self.sigma_data / sigma.double()) ** 2
+        clipped = torch.clamp(snr, max=self.min_snr_gamma)
+        return (clipped / (snr + 1 if self.prediction == "v" else snr)).float()
 
     def noisy(self, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """x_t the way the model's sampler builds it. sigma [B], noise/x0 [B, C, ...]."""
@@ -79,8 +112,14 @@ def denoise_loss(
     noise: torch.Tensor,
     sigma: torch.Tensor,
 ) -> torch.Tensor:
-    """Loss of one batch. predict_x0(x_t, sigma) is the model call; x0, noise [B, C, ...]; sigma [B]."""
+    """Loss of one batch. predict_x0(x_t, sigma) is the model call; x0, noise [B, C, ...]; sigma [B].
+    loss_fn is element-wise; the result is the (weighted) mean over samples of per-sample means."""
     x_t = objective.noisy(sigma.to(x0.device), noise, x0)
     pred = predict_x0(x_t, sigma.to(x0.device)).float()
     sigma = sigma.to(pred.device)
-    return loss_fn(objective.to_target(x_t.float(), pred, sigma), objective.to_target(x_t.float(), x0.float(), sigma))
+    elementwise = loss_fn(objective.to_target(x_t.float(), pred, sigma), objective.to_target(x_t.float(), x0.float(), sigma))
+    per_sample = elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
+    weights = objective.sample_weights(sigma)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
+    return per_sample.mean()

@@ -141,10 +141,10 @@ class Graph:
     def save_latent(self, samples, prefix: str) -> Node:
         return self.add("SaveLatent", samples=samples, filename_prefix=prefix)
 
-    def sample_and_save(self, model, positive, prefix: str, **sampler: Any) -> Node:
-        """KSampler from an empty 128x128 (16x16 latent) SD3 latent, then SaveLatent. Returns the SaveLatent node."""
+    def sample_and_save(self, model, positive, prefix: str, **sampler: Any) -> tuple[Node, Node]:
+        """KSampler from an empty 128x128 (16x16 latent) SD3 latent, then SaveLatent: (sampler, saver)."""
         sampled = self.ksampler(model, positive, self.empty_latent(), **sampler)
-        return self.save_latent(sampled[0], prefix)
+        return sampled, self.save_latent(sampled[0], prefix)
 
 
 # ---------------------------------------------------------------------- reading results
