@@ -175,6 +175,33 @@ def group_file_keys(
     return groups, rest
 
 
+KEY_FORMATS = ("comfyui", "kohya")
+
+
+def convert_key_format(sd: Mapping[str, torch.Tensor], key_format: str, prefix: str = "diffusion_model.") -> dict:
+    """LORA_MODEL keys "<prefix><path>.<suffix>" -> the chosen file naming. "comfyui" keeps them;
+    "kohya" writes "lora_unet_<path with dots as _>.<suffix>" (the LDM module names, as kohya uses
+    for SDXL and A1111 / Forge / ComfyUI read). Tensor layouts are already the ones those tools
+    expect (conv LoRA down [r, in, kh, kw], up [out, r, 1, 1]). Keys without the prefix are kept."""
+    if key_format == "comfyui":
+        return dict(sd)
+    if key_format != "kohya":
+        raise ValueError(f"key_format must be one of {', '.join(KEY_FORMATS)}; got {key_format!r}")
+    out = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        name = key[len(prefix) :]
+        for suffix in ADAPTER_SUFFIXES + DELTA_SUFFIXES:
+            if name.endswith("." + suffix):
+                out["lora_unet_" + name[: -len(suffix) - 1].replace(".", "_") + "." + suffix] = value
+                break
+        else:
+            out[key] = value
+    return out
+
+
 @contextlib.contextmanager
 def frozen(root: nn.Module) -> Iterator[None]:
     """requires_grad off for every base parameter during training (no grads, no memory for them);

@@ -19,6 +19,7 @@ import torch
 from comfy_api.latest import io
 from PIL.PngImagePlugin import PngInfo
 
+from ..lora.inject import KEY_FORMATS, convert_key_format
 from ..training.lorafile import (
     LORA_SUFFIX,
     LoraStateDict,
@@ -92,6 +93,14 @@ class LoraLab_SaveLora(io.ComfyNode):
                     tooltip="Optional: total training steps of this LoRA, written into the file name and "
                     "metadata. Without it, the step count stored in the LoRA's metadata is used.",
                 ),
+                io.Combo.Input(
+                    "key_format",
+                    options=list(KEY_FORMATS),
+                    default="comfyui",
+                    optional=True,
+                    tooltip="comfyui: diffusion_model.<module> keys (ComfyUI's own trainer and loaders). "
+                    "kohya: lora_unet_<module> keys that A1111 / Forge / kohya tools read (ComfyUI reads both).",
+                ),
             ],
             outputs=[
                 io.String.Output(
@@ -107,9 +116,10 @@ class LoraLab_SaveLora(io.ComfyNode):
         return _check_prefix(filename_prefix)
 
     @classmethod
-    def execute(cls, lora, filename_prefix: str, steps: int | None = None) -> io.NodeOutput:
+    def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui") -> io.NodeOutput:
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
+        tensors = convert_key_format(lora, key_format)
         root = _loras_root()
         folder, stem = prefix_location(root, filename_prefix)
 
@@ -126,7 +136,7 @@ class LoraLab_SaveLora(io.ComfyNode):
         for _attempt in range(20):  # another save may take the same name between look-up and write
             candidate = next_free_path(folder, stem, steps, LORA_SUFFIX)
             try:
-                path = save_lora_file(lora, candidate, metadata=metadata, overwrite=False)
+                path = save_lora_file(tensors, candidate, metadata=metadata, overwrite=False)
                 break
             except FileExistsError:
                 continue
@@ -304,4 +314,30 @@ class LoraLab_PlotLoss(io.ComfyNode):
         return info
 
 
-NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_PlotLoss]
+class LoraLab_ApplyLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_ApplyLora",
+            display_name="Apply LoRA (LoRA Lab)",
+            category=CATEGORY,
+            description="Applies LORA_MODEL weights (from a trainer or Load LoRA file) to a model at a strength.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to; it is not changed."),
+                LORA_MODEL.Input("lora", tooltip="Adapter weights (LORA_MODEL)."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="Multiplier of the adapter's effect; negative values invert it."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="A copy of the model with the adapter applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora, strength: float) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(model)
+        import comfy.sd
+
+        return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0])
+
+
+NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_ApplyLora, LoraLab_PlotLoss]

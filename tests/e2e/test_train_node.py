@@ -390,7 +390,10 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
     missing = set(original) - set(loaded)
     assert not missing, f"continuing dropped {len(missing)} keys of the file, e.g. {sorted(missing)[:5]}"
     for key, value in original.items():
-        torch.testing.assert_close(loaded[key].float(), value.float(), atol=1e-5, rtol=1e-2, msg=key)
+        # ComfyUI's trainer stores conv adapters flattened to 2-D; the pack writes them in conv layout
+        # (same values, both load in ComfyUI): compare the values.
+        assert loaded[key].numel() == value.numel(), (key, tuple(loaded[key].shape), tuple(value.shape))
+        torch.testing.assert_close(loaded[key].float().flatten(), value.float().flatten(), atol=1e-5, rtol=1e-2, msg=key)
 
 
 def test_existing_lora_algorithm_mismatch_is_an_error(comfy_server):
