@@ -95,10 +95,14 @@ class Graph:
         unknown = set(widgets) - set(TRAIN_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown trainer inputs: {sorted(unknown)}")
-        return self.add(class_type, model=model, latents=latents, positive=positive, **{**TRAIN_DEFAULTS, **widgets})
+        return self.add(
+            class_type, model=model, latents=latents, positive=positive, **{**TRAIN_DEFAULTS, **widgets}
+        )
 
     def denoise_loss(self, model, latents, positive, seed: int = 0, levels: int = 8) -> Node:
-        return self.add("LoraLab_DenoiseLoss", model=model, latents=latents, positive=positive, seed=seed, levels=levels)
+        return self.add(
+            "LoraLab_DenoiseLoss", model=model, latents=latents, positive=positive, seed=seed, levels=levels
+        )
 
     # ------------------------------------------------------------------ LoRA files and loaders
 
@@ -132,11 +136,32 @@ class Graph:
 
     # ------------------------------------------------------------------ sampling
 
-    def ksampler(self, model, positive, latent_image, *, seed: int = 7, steps: int = 3, cfg: float = 1.0,
-                 sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0) -> Node:
-        return self.add("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                        scheduler=scheduler, positive=positive, negative=positive, latent_image=latent_image,
-                        denoise=denoise)
+    def ksampler(
+        self,
+        model,
+        positive,
+        latent_image,
+        *,
+        seed: int = 7,
+        steps: int = 3,
+        cfg: float = 1.0,
+        sampler_name: str = "euler",
+        scheduler: str = "simple",
+        denoise: float = 1.0,
+    ) -> Node:
+        return self.add(
+            "KSampler",
+            model=model,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            positive=positive,
+            negative=positive,
+            latent_image=latent_image,
+            denoise=denoise,
+        )
 
     def save_latent(self, samples, prefix: str) -> Node:
         return self.add("SaveLatent", samples=samples, filename_prefix=prefix)

@@ -47,10 +47,12 @@ ALGOS = ["LoRA", "LoHa", "LoKr"]
 TRAIN_STEPS = 50
 TRAIN_LR = 3e-3
 # after < BOUND * before for the denoising loss on the training latents (fixed levels and noise).
-# Measured on the 2-core CPU box with 50 steps at lr 3e-3, bf16: see the report / module notes in
-# the test; the bounds leave headroom for other CPUs' bf16 rounding.
+# Measured on the 2-core CPU box, 50 steps at lr 3e-3, bf16, seed 3 (before = 4.4926 for all):
+# LoRA 3.070 (x0.68), LoHa 2.881 (x0.64), LoKr 3.749 (x0.83). The bounds leave headroom for other
+# CPUs' bf16 rounding and thread counts; LoKr's factorised adapter learns slowest.
 LOSS_DROP_BOUND = {"LoRA": 0.85, "LoHa": 0.85, "LoKr": 0.92}
 LORA_KEY_NOT_LOADED = "lora key not loaded"
+MIXED_STEPS = 16
 
 # Geometry of the tiny dataset (scripts/make_tiny_models.py): SD3 latents, 8 context tokens of width 64.
 CHANNELS, CONTEXT_DIM, TOKENS, POOLED_DIM = 16, 64, 8, 64
@@ -105,7 +107,9 @@ def _train_graph(algo: str):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    trainer = g.train(model, latents, positive, steps=TRAIN_STEPS, learning_rate=TRAIN_LR, algorithm=algo, seed=3)
+    trainer = g.train(
+        model, latents, positive, steps=TRAIN_STEPS, learning_rate=TRAIN_LR, algorithm=algo, seed=3
+    )
     return g, model, latents, positive, trainer
 
 
@@ -214,8 +218,9 @@ def _sample_base(comfy_server, prefix: str, expect_fresh: bool = True) -> torch.
     g, sampler, saver = _base_sample_graph(prefix)
     result = run_ok(comfy_server.client, g.prompt)
     if expect_fresh:
-        assert sampler.id in executed_nodes(result) and sampler.id not in cached_nodes(result), \
+        assert sampler.id in executed_nodes(result) and sampler.id not in cached_nodes(result), (
             "the base-model sampler must really run again, not come from the cache"
+        )
     return load_latent(result, saver, comfy_server.output_dir)
 
 
@@ -226,7 +231,7 @@ def test_input_model_is_not_mutated_by_training(comfy_server):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    trainer = g.train(model, latents, positive, steps=20, learning_rate=TRAIN_LR, seed=5)
+    trainer = g.train(model, latents, positive, steps=10, learning_rate=TRAIN_LR, seed=5)
     _, patched = g.sample_and_save(trainer[MODEL_OUT], positive, "e2e/base_patched", seed=21)
     result = run_ok(comfy, g.prompt)
     unet_id = g.prompt[trainer.id]["inputs"]["model"][0]
@@ -241,14 +246,18 @@ def test_input_model_is_not_mutated_by_training(comfy_server):
 # ---------------------------------------------------------------------- 4: inputs as lists, counts
 
 
-def _write_shard(comfy_server, folder: str, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> str:
+def _write_shard(
+    comfy_server, folder: str, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> str:
     """A dataset for stock LoadTrainingDataset (0.3.75: output/<folder>/shard_*.pkl, read with
     torch.load(weights_only=True)): a list of LATENT dicts and a list of CONDITIONINGs."""
     target = comfy_server.output_dir / folder
     target.mkdir(parents=True, exist_ok=True)
     shard = {
         "latents": [{"samples": lat[None].clone()} for lat, _, _ in items],
-        "conditioning": [[[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items],
+        "conditioning": [
+            [[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items
+        ],
     }
     torch.save(shard, target / "shard_00000.pkl")
     return folder
@@ -266,18 +275,20 @@ def test_mixed_size_latent_list_trains(comfy_server):
     model = g.unet()
     loader = g.add("LoadTrainingDataset", folder_name=folder)
     latents, positive = loader[0], loader[1]
-    trainer = g.train(model, latents, positive, steps=30, learning_rate=TRAIN_LR, batch_size=2, seed=6)
+    trainer = g.train(
+        model, latents, positive, steps=MIXED_STEPS, learning_rate=TRAIN_LR, batch_size=2, seed=6
+    )
     before = g.denoise_loss(model, latents, positive)
     after = g.denoise_loss(trainer[MODEL_OUT], latents, positive)
     saver = g.save_lora(trainer[LORA_OUT], "e2e/mixed", steps=trainer[STEPS_OUT])
     result = run_ok(comfy_server.client, g.prompt)
 
     name, path = saved_lora(result, saver)
-    assert steps_in_name(name) == 30
+    assert steps_in_name(name) == MIXED_STEPS
     assert lora_metadata(path)["loralab.dataset_size"] == "4"
     b, a = denoise_value(result, before), denoise_value(result, after)
     print(f"mixed sizes: denoise loss {b:.4f} -> {a:.4f}")
-    assert a < 0.95 * b, (b, a)
+    assert a < 0.9 * b, (b, a)  # measured 4.582 -> 3.533 (x0.77) with 16 steps
 
 
 def test_positive_count_must_match_latents(comfy_server):
@@ -331,8 +342,13 @@ def test_existing_lora_from_this_pack_continues(comfy_server):
     cont_save = g.save_lora(cont[LORA_OUT], "e2e/cont_b", steps=cont[STEPS_OUT])
     fresh = g.train(model, latents, positive, steps=5, learning_rate=TRAIN_LR, seed=9)
     fresh_loss = g.denoise_loss(fresh[MODEL_OUT], latents, positive)
-    # One step at the smallest learning rate: the weights must come back as the file holds them.
-    still = g.train(model, latents, positive, steps=1, learning_rate=1e-7, seed=9, existing_lora=name10)
+    # One step at the smallest learning rate: the weights must come back as the file holds them. The
+    # file goes under a misleading name: the step count in its metadata (10) wins over the name (99).
+    renamed = path10.parent / "renamed_99_steps_00001.safetensors"
+    shutil.copyfile(path10, renamed)
+    still = g.train(
+        model, latents, positive, steps=1, learning_rate=1e-7, seed=9, existing_lora=f"e2e/{renamed.name}"
+    )
     still_save = g.save_lora(still[LORA_OUT], "e2e/cont_still", steps=still[STEPS_OUT])
     r2 = run_ok(comfy, g.prompt)
 
@@ -372,6 +388,9 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(made[-1], target)
     name = f"e2e/{target.name}"
+    # The same file under a name without a step count (and it has no metadata): counts from 0, says so.
+    plain = target.parent / "builtin_plain.safetensors"
+    shutil.copyfile(made[-1], plain)
 
     g = Graph()
     model = g.unet()
@@ -380,11 +399,20 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
     cont_save = g.save_lora(cont[LORA_OUT], "e2e/cont_builtin", steps=cont[STEPS_OUT])
     still = g.train(model, latents, positive, steps=1, learning_rate=1e-7, seed=11, existing_lora=name)
     still_save = g.save_lora(still[LORA_OUT], "e2e/cont_builtin_still", steps=still[STEPS_OUT])
-    result = run_ok(comfy, g.prompt)
+    unnamed = g.train(
+        model, latents, positive, steps=2, learning_rate=TRAIN_LR, seed=11, existing_lora=f"e2e/{plain.name}"
+    )
+    unnamed_save = g.save_lora(unnamed[LORA_OUT], "e2e/cont_plain", steps=unnamed[STEPS_OUT])
+    result, log = run_logged(comfy_server, g.prompt)
+    assert result.status == "success", result.error_message
 
     cont_name, cont_path = saved_lora(result, cont_save)
     assert steps_in_name(cont_name) == 7
     assert lora_metadata(cont_path)["loralab.steps"] == "7"
+    assert steps_in_name(saved_lora(result, still_save)[0]) == 5
+    assert steps_in_name(saved_lora(result, unnamed_save)[0]) == 2
+    warned = [line for line in log.splitlines() if plain.name in line and "step" in line.lower()]
+    assert warned, "no warning that builtin_plain.safetensors carries no step count"
     original = lora_tensors(target)
     loaded = lora_tensors(saved_lora(result, still_save)[1])
     missing = set(original) - set(loaded)
@@ -393,7 +421,9 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
         # ComfyUI's trainer stores conv adapters flattened to 2-D; the pack writes them in conv layout
         # (same values, both load in ComfyUI): compare the values.
         assert loaded[key].numel() == value.numel(), (key, tuple(loaded[key].shape), tuple(value.shape))
-        torch.testing.assert_close(loaded[key].float().flatten(), value.float().flatten(), atol=1e-5, rtol=1e-2, msg=key)
+        torch.testing.assert_close(
+            loaded[key].float().flatten(), value.float().flatten(), atol=1e-5, rtol=1e-2, msg=key
+        )
 
 
 def test_existing_lora_algorithm_mismatch_is_an_error(comfy_server):
@@ -463,7 +493,7 @@ def test_outputs_work_with_stock_nodes(comfy_server):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    trainer = g.train(model, latents, positive, steps=12, learning_rate=TRAIN_LR, seed=15)
+    trainer = g.train(model, latents, positive, steps=8, learning_rate=TRAIN_LR, seed=15)
     g.stock_save_lora(trainer[LORA_OUT], "e2e/stock_save", steps=trainer[STEPS_OUT])
     ours = g.save_lora(trainer[LORA_OUT], "e2e/stock_twin", steps=trainer[STEPS_OUT])
     stock_model = g.lora_model_loader(model, trainer[LORA_OUT], 1.0)
@@ -473,7 +503,7 @@ def test_outputs_work_with_stock_nodes(comfy_server):
     result, log = run_logged(comfy_server, g.prompt)
     assert result.status == "success", result.error_message
 
-    files = sorted(comfy_server.output_dir.glob("e2e/stock_save_12_steps_*_.safetensors"))
+    files = sorted(comfy_server.output_dir.glob("e2e/stock_save_8_steps_*_.safetensors"))
     assert len(files) == 1, files
     stock_file = lora_tensors(files[0])
     twin = lora_tensors(saved_lora(result, ours)[1])
@@ -497,7 +527,9 @@ def test_progress_advances_once_per_optimizer_step(comfy_server, grad_acc):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    trainer = g.train(model, latents, positive, steps=steps, grad_accumulation_steps=grad_acc, seed=16 + grad_acc)
+    trainer = g.train(
+        model, latents, positive, steps=steps, grad_accumulation_steps=grad_acc, seed=16 + grad_acc
+    )
     g.save_lora(trainer[LORA_OUT], f"e2e/progress_{grad_acc}", steps=trainer[STEPS_OUT])
     result = run_ok(comfy_server.client, g.prompt)
 
@@ -524,8 +556,17 @@ def test_same_seed_same_inputs_give_identical_weights(comfy_server):
         g = Graph()
         model = g.unet()
         latents, positive = g.dataset()
-        trainer = g.train(model, latents, positive, steps=10, learning_rate=TRAIN_LR, seed=77,
-                          training_dtype="fp32", lora_dtype="fp32", algorithm="LoHa")
+        trainer = g.train(
+            model,
+            latents,
+            positive,
+            steps=6,
+            learning_rate=TRAIN_LR,
+            seed=77,
+            training_dtype="fp32",
+            lora_dtype="fp32",
+            algorithm="LoHa",
+        )
         return g, trainer, g.save_lora(trainer[LORA_OUT], prefix, steps=trainer[STEPS_OUT])
 
     def flush() -> None:
