@@ -95,8 +95,9 @@ def build_samples(patcher, latents: Sequence[dict], positive: Sequence[list], de
     for i, (img, (ctx, opts)) in enumerate(zip(images, conds, strict=True)):
         if not torch.isfinite(img).all():
             raise ValueError(f"latents: image {i + 1} contains NaN or inf values")
-        if not torch.isfinite(ctx).all():
-            raise ValueError(f"positive: conditioning {i + 1} contains NaN or inf values")
+        bad = [k for k, v in [("context", ctx), *opts.items()] if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"positive: conditioning {i + 1} has NaN or inf values in {', '.join(bad)}")
         x0 = base.process_latent_in(img[None].float()).to(device)
         params = {k: v for k, v in opts.items()}
         params.update(cross_attn=ctx.to(device), device=device, noise=x0, latent_image=x0)

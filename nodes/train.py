@@ -181,8 +181,11 @@ class _Start:
         path = folder_paths.get_full_path("loras", name)
         if path is None:
             raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
-        sd, meta = read_lora_file(path)
-        found = detect_algorithm(sd.keys())
+        try:
+            sd, meta = read_lora_file(path)
+            found = detect_algorithm(sd.keys())
+        except ValueError as e:
+            raise ValueError(f"existing_lora: {e}") from e
         if found is None:
             raise ValueError(f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]")
         if found != config.algorithm:
