@@ -46,6 +46,30 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # Trainer outputs (both trainers).
 MODEL_OUT, LORA_OUT, LOSS_OUT, STEPS_OUT = 0, 1, 2, 3
 
+#: LoraLab_TrainingOptions' widget inputs with the node's defaults (all of them are required inputs).
+OPTIONS_DEFAULTS: dict[str, Any] = {
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "lr_cycles": 1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "alpha": 0.0,
+    "targets": "all",
+    "include": "",
+    "exclude": "",
+    "timestep_sampling": "uniform",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "flow_shift": 1.0,
+    "min_snr_gamma": 0.0,
+    "noise_offset": 0.0,
+    "save_every": 0,
+    "checkpoint_prefix": "loralab/checkpoints/lora",
+}
+
+# LoraLab_LoadLora outputs.
+LOADED_LORA_OUT, LOADED_STEPS_OUT = 0, 1
+
 
 @dataclass(frozen=True)
 class Node:
@@ -171,6 +195,35 @@ class Graph:
         sampled = self.ksampler(model, positive, self.empty_latent(), **sampler)
         return sampled, self.save_latent(sampled[0], prefix)
 
+    # ------------------------------------------------------------------ LoRA Lab companion nodes
+
+    def training_options(self, **overrides: Any) -> Node:
+        """LoraLab_TrainingOptions; ``overrides`` replace :data:`OPTIONS_DEFAULTS`."""
+        unknown = set(overrides) - set(OPTIONS_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown training options: {sorted(unknown)}")
+        return self.add("LoraLab_TrainingOptions", **{**OPTIONS_DEFAULTS, **overrides})
+
+    def train_with_options(self, model, latents, positive, options, **widgets: Any) -> Node:
+        """The pack's trainer with its optional ``options`` input linked (an OPTIONS node's output 0)."""
+        node = self.train(model, latents, positive, **widgets)
+        self.prompt[node.id]["inputs"]["options"] = options[0] if isinstance(options, Node) else options
+        return node
+
+    def save_lora_format(self, lora, prefix: str, key_format: str, steps=None) -> Node:
+        """The pack's SaveLora with its optional ``key_format`` (comfyui | kohya)."""
+        node = self.save_lora(lora, prefix, steps=steps)
+        self.prompt[node.id]["inputs"]["key_format"] = key_format
+        return node
+
+    def apply_lora(self, model, lora, strength: float = 1.0) -> list:
+        """LoraLab_ApplyLora: its MODEL link."""
+        return self.add("LoraLab_ApplyLora", model=model, lora=lora, strength=strength)[0]
+
+    def load_lora(self, lora_name: str) -> Node:
+        """LoraLab_LoadLora (outputs: LORA_MODEL, steps INT)."""
+        return self.add("LoraLab_LoadLora", lora_name=lora_name)
+
 
 # ---------------------------------------------------------------------- reading results
 
@@ -228,3 +281,17 @@ def load_latent(result: RunResult, node: Node, output_dir: pathlib.Path) -> torc
 
 def progress_events(result: RunResult, node: Node) -> list[dict]:
     return [d for d in result.events_of("progress") if str(d.get("node")) == node.id]
+
+
+def loralab_progress(result: RunResult, node: Node) -> list[dict]:
+    """The pack's own ``loralab.progress`` websocket events of one trainer node."""
+    return [d for d in result.events_of("loralab.progress") if str(d.get("node")) == node.id]
+
+
+def ui_image_paths(result: RunResult, node: Node, output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Files an output node listed under ``ui.images`` (type output), as absolute paths."""
+    out = []
+    for e in result.outputs[node.id]["images"]:
+        assert e.get("type") == "output", e
+        out.append(output_dir / e.get("subfolder", "") / e["filename"])
+    return out
