@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # them: MMDiT attn/attn2/mlp, SD UNet attn1/attn2/ff.net, Flux img_attn/txt_attn/img_mlp/txt_mlp and
 # single_blocks linear1 (fused qkv + mlp in) / linear2, Wan-style self_attn/cross_attn/ffn.
 ATTENTION_PATTERNS = ("*attn*", "*single_blocks.*.linear1", "*single_blocks.*.linear2")
-MLP_PATTERNS = ("*mlp*", "*ff.net*", "*.ff.*", "*ffn*", "*feed_forward*")
+# MLPs of the repeated blocks only, not the timestep / pooled-text embedder MLPs (t_embedder.mlp...).
+MLP_PATTERNS = ("*blocks.*mlp*", "*ff.net*", "*blocks.*.ff.*", "*blocks.*ffn*", "*blocks.*feed_forward*")
 TARGET_PATTERNS: dict[str, tuple[str, ...]] = {
     "all": ("*",),
     "attention": ATTENTION_PATTERNS,

@@ -119,13 +119,14 @@ class TinyBlock(nn.Module):
 
 
 def test_target_presets_pick_the_right_layers():
-    m = nn.ModuleDict({"block": TinyBlock(), "x_embedder": nn.Conv2d(4, 8, 2)})
+    m = nn.ModuleDict({"blocks": nn.ModuleList([TinyBlock()]), "t_embedder": Mlp(), "x_embedder": nn.Conv2d(4, 8, 2)})
     pick = lambda preset, **kw: sorted(find_targets(m, target_patterns(preset, kw.get("include", ())), kw.get("exclude", ())))  # noqa: E731
-    assert pick("all") == ["block.adaLN_modulation.1", "block.attn.proj", "block.attn.qkv", "block.mlp.fc1",
-                           "block.mlp.fc2", "x_embedder"]  # fmt: skip
-    assert pick("attention") == ["block.attn.proj", "block.attn.qkv"]
-    assert pick("attention_mlp") == ["block.attn.proj", "block.attn.qkv", "block.mlp.fc1", "block.mlp.fc2"]
-    assert pick("all", include=("*fc*",), exclude=("*fc2",)) == ["block.mlp.fc1"]
+    assert pick("all") == ["blocks.0.adaLN_modulation.1", "blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1",
+                           "blocks.0.mlp.fc2", "t_embedder.fc1", "t_embedder.fc2", "x_embedder"]  # fmt: skip
+    assert pick("attention") == ["blocks.0.attn.proj", "blocks.0.attn.qkv"]
+    # the blocks' MLPs, not an embedder's
+    assert pick("attention_mlp") == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert pick("all", include=("*fc*",), exclude=("*fc2",)) == ["blocks.0.mlp.fc1", "t_embedder.fc1"]
     with pytest.raises(ValueError, match="targets"):
         target_patterns("everything")
 
