@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,7 +156,11 @@ def prepare_base_dir(
         if dest.exists():
             continue
         if src is not None and src != base and (src / rel).is_file():
-            _link((src / rel).resolve(), dest)
+            if rel.parts[0] == "input":
+                # Newer ComfyUI refuses input files whose real path leaves input/ (symlinks): copy.
+                shutil.copyfile(src / rel, dest)
+            else:
+                _link((src / rel).resolve(), dest)
         else:
             missing.append(rel)
     if missing:

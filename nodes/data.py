@@ -21,7 +21,8 @@ def _dataset_files() -> list[str]:
         for f in files:
             if f.endswith(".safetensors"):
                 out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(out)
+    # Only what validation accepts (newer ComfyUI refuses links that point outside input/).
+    return sorted(n for n in out if folder_paths.exists_annotated_filepath(n))
 
 
 class LoadLatentDataset(io.ComfyNode):
@@ -47,7 +48,7 @@ class LoadLatentDataset(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, dataset: str) -> bool | str:
         if not folder_paths.exists_annotated_filepath(dataset):
-            return f"dataset: {dataset!r} is not in the input folder"
+            return f"dataset: {dataset!r} is not in the input folder (a link pointing outside input/ is refused: copy the file in)"
         return True
 
     @classmethod
