@@ -6,6 +6,9 @@ does nothing else: ComfyUI modules are imported only when the entry point is cal
 
 __version__ = "0.1.0"
 
+# The frontend extension (live training view), served by ComfyUI under /extensions/<folder name>/.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import LoraLabExtension

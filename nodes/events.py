@@ -1,12 +1,55 @@
-"""The pack's websocket events (the live training view listens to them; HTTP clients may too)."""
+"""The pack's websocket events (the live training view listens to them; HTTP clients may too).
+
+``loralab.progress`` is sent at most ~10 times a second per node, and always for the last step. Each
+message carries the state after its step and, so that a client can draw every step although messages
+are throttled, the losses of all steps since the previous message::
+
+    {
+        "node": "3",              # the train node's id (its execution id)
+        "prompt_id": "...",
+        "step": 17,               # optimizer steps done (1-based)
+        "total": 40,
+        "loss": 0.123,            # the loss of `step`
+        "lr": 0.0005,
+        "steps_per_s": 41.2,      # average since the first step
+        "elapsed": 0.41,          # seconds since the first step started
+        "first_step": 13,         # the step of losses[0]
+        "losses": [0.2, 0.1, 0.15, 0.12, 0.123],   # steps first_step .. step
+    }
+
+A loss that is not finite is sent as ``null`` (JSON has no NaN / Infinity).
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, field
 
 PROGRESS_EVENT = "loralab.progress"
 _MIN_INTERVAL_S = 0.1  # at most ~10 messages a second, but always the last step
-_last_sent: dict = {}
+
+
+@dataclass
+class _Pending:
+    """Steps of one node's run that were not sent yet."""
+
+    prompt_id: object
+    last_step: int = 0
+    last_sent: float = 0.0
+    first_step: int | None = None
+    losses: list = field(default_factory=list)
+
+
+_pending: dict = {}  # node id -> _Pending (touched only by the executing thread)
+
+
+def _finite_or_none(value):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def send_progress(node_id, info) -> None:
@@ -17,21 +60,37 @@ def send_progress(node_id, info) -> None:
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return
+    prompt_id = getattr(server, "last_prompt_id", None)
+    state = _pending.get(node_id)
+    if state is None or state.prompt_id != prompt_id or info.step <= state.last_step:
+        state = _pending[node_id] = _Pending(prompt_id)  # a new run of this node
+    if state.first_step is None:
+        state.first_step = info.step
+    state.losses.append(_finite_or_none(info.loss))
+    state.last_step = info.step
+
     now = time.monotonic()
-    if info.step < info.total and now - _last_sent.get(node_id, 0.0) < _MIN_INTERVAL_S:
+    last = info.step >= info.total
+    if not last and now - state.last_sent < _MIN_INTERVAL_S:
         return
-    _last_sent[node_id] = now
+    state.last_sent = now
+    first_step, losses = state.first_step, state.losses
+    state.first_step, state.losses = None, []
+    if last:
+        _pending.pop(node_id, None)
     server.send_sync(
         PROGRESS_EVENT,
         {
             "node": node_id,
-            "prompt_id": getattr(server, "last_prompt_id", None),
+            "prompt_id": prompt_id,
             "step": info.step,
             "total": info.total,
-            "loss": info.loss,
+            "loss": _finite_or_none(info.loss),
             "lr": info.lr,
             "steps_per_s": info.steps_per_s,
             "elapsed": info.elapsed,
+            "first_step": first_step,
+            "losses": losses,
         },
         server.client_id,
     )

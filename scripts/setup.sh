@@ -5,12 +5,14 @@
 #   .comfyui/base/              ComfyUI base directory (models, input, output, user, custom_nodes)
 #   .comfyui/base/custom_nodes/comfyui-lora-lab -> this repo
 #   .comfyui/base/models/...    tiny generated models and data (scripts/make_tiny_models.py)
+#   /usr/bin/chromium, playwright (in .venv)   browser-test tools (browser_tools below)
 # Idempotent: a second run checks stamps and returns in seconds.
 #
 # Environment knobs:
 #   PYTHON=python3.11      interpreter for the venv
 #   LORALAB_TORCH=...      pip spec for torch when the venv has none (default: torch==2.13.0, the
 #                          CPU build where pip finds one; set e.g. "torch" on a CUDA machine)
+#   LORALAB_SKIP_BROWSER=1 skip the browser-test tools (Chromium, playwright)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,6 +29,36 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# ---------------------------------------------------------------------------------------------
+# Browser-test tools (tests/browser): Debian's Chromium (/usr/bin/chromium) and the Python
+# Playwright driver (its pip wheel carries its own Node.js driver; it never downloads a browser:
+# the tests launch /usr/bin/chromium). Idempotent and not covered by the stamp below: it runs on
+# every setup and returns at once when both are in place. LORALAB_SKIP_BROWSER=1 skips it (the
+# browser tests then skip too); an install that fails only warns here, and the browser tests then
+# fail and say what is missing.
+PLAYWRIGHT_VERSION="1.65.2"
+CHROMIUM="${LORALAB_CHROMIUM:-/usr/bin/chromium}"
+browser_tools() {
+    if [[ "${LORALAB_SKIP_BROWSER:-}" == "1" ]]; then
+        log "browser tools: skipped (LORALAB_SKIP_BROWSER=1)"
+        return 0
+    fi
+    if ! "$CHROMIUM" --version >/dev/null 2>&1; then
+        log "installing Debian's chromium (browser tests)"
+        local sudo=()
+        if [[ "$(id -u)" -ne 0 ]]; then sudo=(sudo); fi
+        { "${sudo[@]}" apt-get update -q \
+            && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q chromium; } >&2 \
+            || log "WARNING: could not install chromium; the browser tests will fail"
+    fi
+    if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('playwright') != '$PLAYWRIGHT_VERSION')" 2>/dev/null; then
+        log "installing playwright==$PLAYWRIGHT_VERSION (Python driver only, no browser download)"
+        "${PIP[@]}" -c "$ROOT/constraints.txt" "playwright==$PLAYWRIGHT_VERSION" \
+            || log "WARNING: could not install playwright; the browser tests will fail"
+    fi
+}
+# ---------------------------------------------------------------------------------------------
+
 # Stamp: everything that decides the environment. A changed input re-runs the installs.
 stamp_inputs() { cat "$ROOT/scripts/setup.sh" "$ROOT/constraints.txt" "$ROOT/requirements.txt" "$ROOT/requirements-test.txt"; }
 STAMP="$COMFY_HOME/.setup-stamp"
@@ -34,6 +66,7 @@ want_stamp="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" && -x "$PY" && -f "$COMFY/main.py" ]]; then
     log "environment up to date (.venv, .comfyui)"
     "$PY" "$ROOT/scripts/make_tiny_models.py" --base-dir "$BASE" --quiet
+    browser_tools
     exit 0
 fi
 
@@ -98,6 +131,9 @@ ln -sfn "$ROOT" "$BASE/custom_nodes/comfyui-lora-lab"
 
 # 6. Tiny models and data for the main job and the tests.
 "$PY" "$ROOT/scripts/make_tiny_models.py" --base-dir "$BASE"
+
+# 7. Browser-test tools (see browser_tools above).
+browser_tools
 
 echo "$want_stamp" > "$STAMP"
 log "done"
