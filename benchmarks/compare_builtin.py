@@ -21,10 +21,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.server import DATASET_NAME, MODEL_NAME, ComfyServer, prepare_base_dir  # noqa: E402
+from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir  # noqa: E402
 
 
-def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float) -> dict:
+def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME) -> dict:
     train_inputs = {
         "model": ["1", 0], "latents": ["2", 0], "positive": ["2", 1],
         "batch_size": 1, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": lr, "rank": rank,
@@ -32,7 +32,7 @@ def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float) -
         "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
     }  # fmt: skip
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}},
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
         # The built-in node crashes on a single LATENT batch (UnboundLocalError: multi_res), so both
         # nodes get the data as lists from stock LoadTrainingDataset (shards written below).
         "2": {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": SHARD_FOLDER}},
@@ -45,13 +45,28 @@ def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float) -
 SHARD_FOLDER = "loralab_bench_dataset"
 
 
-def write_shards(base: pathlib.Path) -> None:
-    """Our tiny dataset as the shard file stock LoadTrainingDataset reads: one latent and one
-    conditioning per list entry."""
-    import torch
-    from safetensors.torch import load_file
+def write_model(base: pathlib.Path, depth: int) -> str:
+    """An SD3/MMDiT of the given depth (hidden 64*depth), seeded like the tiny default."""
+    if depth == 2:
+        return MODEL_NAME
+    from safetensors.torch import save_file
 
-    data = load_file(str(base / "input" / DATASET_NAME))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_models import mmdit_state_dict
+
+    name = f"loralab-bench-sd3-d{depth}.safetensors"
+    save_file(mmdit_state_dict(depth, 64, 64, 32, 0), str(base / "models" / "diffusion_models" / name))
+    return name
+
+
+def write_shards(base: pathlib.Path, size: int) -> None:
+    """A dataset of 4 latents (size x size) as the shard file stock LoadTrainingDataset reads: one
+    latent and one conditioning per list entry."""
+    import torch
+
+    from training.tinydata import make_latent_dataset
+
+    data = make_latent_dataset(n=4, channels=16, height=size, width=size, context_dim=64, tokens=8, pooled_dim=64)
     n = data["latents"].shape[0]
     shard = {
         "latents": [{"samples": data["latents"][i : i + 1].clone()} for i in range(n)],
@@ -103,25 +118,28 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--depth", type=int, default=2, help="SD3/MMDiT depth (2 = the tiny default; 4, 8 ...)")
+    ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px)")
     args = ap.parse_args()
     nodes = {"ours": "LoraLab_TrainLoraNode", "built-in": "TrainLoraNode"}
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as tmp:
         base = prepare_base_dir(pathlib.Path(tmp) / "base")
-        write_shards(base)
+        model = write_model(base, args.depth)
+        write_shards(base, args.size)
         with ComfyServer(base) as server:
             client = server.client()
             for dtype in args.dtypes:
                 rows: dict[str, list[dict]] = {k: [] for k in nodes}
                 # warm-up: one short run each (model load, first-call costs)
                 for node in nodes.values():
-                    run_one(server, client, node, steps=4, dtype=dtype, seed=999, rank=args.rank, lr=args.lr)
+                    run_one(server, client, node, steps=4, dtype=dtype, seed=999, rank=args.rank, lr=args.lr, model=model)
                 for pair in range(args.pairs):
                     for name, node in nodes.items():
-                        r = run_one(server, client, node, steps=args.steps, dtype=dtype, seed=pair, rank=args.rank, lr=args.lr)
+                        r = run_one(server, client, node, steps=args.steps, dtype=dtype, seed=pair, rank=args.rank, lr=args.lr, model=model)
                         rows[name].append(r)
                         print(f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
                               f"peak RSS {r['peak_rss_mib']:7.0f} MiB  denoise loss {r['denoise_loss']:.4f}", flush=True)
-                print(f"\n{MODEL_NAME}, {DATASET_NAME}, {dtype}, rank {args.rank}, batch 1, AdamW, lr {args.lr}, "
+                print(f"\n{model}, 4 latents {args.size}x{args.size}, {dtype}, rank {args.rank}, batch 1, AdamW, lr {args.lr}, "
                       f"{args.steps} steps, gradient checkpointing on, {args.pairs} pairs (medians)")
                 print(f"{'':10s}{'steps/s':>10s}{'peak RSS MiB':>14s}{'denoise loss':>14s}")
                 med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0]} for n in nodes}
