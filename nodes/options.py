@@ -6,6 +6,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training.config import SCHEDULE_NAMES, TARGET_PRESETS, TIMESTEP_SAMPLINGS, TrainConfig
+from ..training.lorafile import safe_prefix
 
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 DEFAULTS = TrainConfig()
@@ -47,8 +48,20 @@ class TrainingOptions(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_prefix=None) -> bool | str:
+        """A prefix that would leave the loras folder is refused when the prompt is queued."""
+        if not isinstance(checkpoint_prefix, str):  # linked from another node: checked when it runs
+            return True
+        try:
+            safe_prefix(checkpoint_prefix, "checkpoint_prefix")
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     def execute(cls, alpha: float, include: str, exclude: str, **kwargs) -> io.NodeOutput:
         options = dict(kwargs, alpha=alpha if alpha > 0 else None, include=_patterns(include), exclude=_patterns(exclude))
         prefix = options.pop("checkpoint_prefix")
+        safe_prefix(prefix, "checkpoint_prefix")  # a linked prefix was not checked at queue time
         TrainConfig(**options)  # fail here, at the options node, on a bad combination
         return io.NodeOutput({"config": options, "checkpoint_prefix": prefix})

@@ -84,7 +84,9 @@ class TrainLoraNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, existing_lora=None, **kwargs) -> bool | str:
+    def validate_inputs(cls, existing_lora=None) -> bool | str:
+        # Only existing_lora is named: with **kwargs ComfyUI would skip the schema's min / max checks of
+        # every other input and report a failure here once per input.
         names = [existing_lora] if isinstance(existing_lora, str) else existing_lora or []
         for name in names:
             if name != NO_LORA and folder_paths.get_full_path("loras", name) is None:
@@ -108,6 +110,8 @@ def train(
 ) -> tuple[LoraStateDict, list[float], int]:
     """Clone the model, attach adapters to the clone's layers for the run only, train, return the
     weights, the loss per step and the total step count (earlier steps of existing_lora included)."""
+    loras_folder = folder_paths.get_folder_paths("loras")[0]
+    prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
         start = _Start.read(existing, config) if existing and existing != NO_LORA else _Start()
@@ -139,12 +143,24 @@ def train(
             return sd
 
         def save_checkpoint(step: int, total: int, optimizer: torch.optim.Optimizer) -> None:
-            folder, stem = prefix_location(folder_paths.get_folder_paths("loras")[0], checkpoint_prefix)
+            folder, stem = prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")
             path = next_free_path(folder, stem, step)
             lora = finished_lora(step, bar.losses[-1])  # on_step has run for this step
-            save_lora_file(lora, path, metadata=lora.metadata)
-            save_training_state(state_path_for(path), adapters.state_dict_for_file(dtype=torch.float32),
-                                optimizer.state_dict(), step, total, config.as_dict())  # fmt: skip
+            target = path
+            try:
+                written = save_lora_file(lora, path, metadata=lora.metadata)
+                target = state_path_for(path)
+                try:
+                    save_training_state(target, adapters.state_dict_for_file(dtype=torch.float32),
+                                        optimizer.state_dict(), step, total, config.as_dict())  # fmt: skip
+                except BaseException:
+                    written.unlink(missing_ok=True)  # no checkpoint without its training state
+                    raise
+            except OSError as e:
+                message = (f"checkpoint_prefix {checkpoint_prefix!r}: could not save the step {step} checkpoint {target}: "
+                           f"{os.strerror(e.errno) if e.errno else e}; check that the folder is writable and has "
+                           "free space, or choose another checkpoint_prefix")  # fmt: skip
+                raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
             log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
 
         bar = _Progress(config.steps, node_id)

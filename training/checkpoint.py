@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .lorafile import write_error_cause
+
 STATE_SUFFIX = ".lorastate"
 FORMAT = "loralab.trainstate.v1"
 
@@ -59,6 +61,15 @@ def save_training_state(
     try:
         save_file(tensors, str(tmp), metadata={"loralab.trainstate": json.dumps(meta)})
         os.replace(tmp, path)
+    except Exception as exc:
+        io_error = write_error_cause(exc)  # safetensors reports disk full / read-only as its own error
+        if io_error is None:
+            raise
+        message = (
+            f"could not write training state {path}: {io_error.strerror or io_error}; check that the "
+            "folder is writable and has free space"
+        )
+        raise (OSError(message) if io_error.errno is None else OSError(io_error.errno, message)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path

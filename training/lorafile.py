@@ -40,6 +40,7 @@ __all__ = [
     "earlier_steps",
     "next_free_path",
     "safe_prefix",
+    "write_error_cause",
     "build_metadata",
     "base_model_info",
 ]
@@ -149,6 +150,28 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.unlink(tmp)
 
 
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def write_error_cause(exc: BaseException) -> OSError | None:
+    """The operating-system error behind a failed write, or None when ``exc`` is no I/O error.
+
+    ``safetensors`` reports I/O failures (disk full, read-only folder) as its own ``SafetensorError``,
+    which is not an ``OSError``; its text carries the code (``... (os error 28)``), which this turns
+    back into an ``OSError`` with that errno, so callers can name the file and the cause.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    text = str(exc)
+    found = _OS_ERROR_CODE.search(text)
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return OSError(text) if "I/O error" in text else None
+
+
 def save_lora_file(
     sd: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -197,14 +220,17 @@ def save_lora_file(
                 "refusing to overwrite an existing LoRA file; choose another name or pass overwrite=True",
                 str(path),
             ) from None
-        except OSError as exc:
+        except Exception as exc:
+            io_error = write_error_cause(exc)
+            if io_error is None:
+                raise
             message = (
-                f"could not write LoRA file {path}: {exc.strerror or exc}; check that the folder is "
+                f"could not write LoRA file {path}: {io_error.strerror or io_error}; check that the folder is "
                 "writable and has free space, or choose another filename_prefix"
             )
-            if exc.errno is None:
+            if io_error.errno is None:
                 raise OSError(message) from exc
-            raise OSError(exc.errno, message) from exc
+            raise OSError(io_error.errno, message) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -338,10 +364,11 @@ def _counter_pattern(prefix: str, ext: str) -> re.Pattern[str]:
     )
 
 
-def prefix_location(root: str | os.PathLike, user_prefix: str) -> tuple[Path, str]:
+def prefix_location(root: str | os.PathLike, user_prefix: str, name: str = "filename_prefix") -> tuple[Path, str]:
     """A user's ``filename_prefix`` (may hold sub-folders) -> (folder under root, file-name stem),
-    validated and sanitised by :func:`safe_prefix`, so the result never leaves ``root``."""
-    sub, _, stem = safe_prefix(user_prefix).rpartition("/")
+    validated and sanitised by :func:`safe_prefix` (errors name the input as ``name``), so the result
+    never leaves ``root``."""
+    sub, _, stem = safe_prefix(user_prefix, name).rpartition("/")
     root = Path(root)
     return (root / sub if sub else root), stem
 
@@ -390,39 +417,40 @@ _WINDOWS_RESERVED = frozenset(
 _MAX_COMPONENT = 150
 
 
-def safe_prefix(prefix: str) -> str:
+def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
     """Validate and clean a user-given ``filename_prefix`` (may hold sub-folders, ``/`` or ``\\``).
 
     Refused with ``ValueError``: empty prefixes, absolute paths, drive letters, ``..`` components and
     a trailing separator (no file name).  Cleaned: characters outside ``[A-Za-z0-9._ -]`` become
     ``_``, leading dots and surrounding spaces of every component are stripped, ``.`` and empty
-    components are dropped.  Returns ``"folder/sub/name"`` with ``/`` separators.
+    components are dropped.  Returns ``"folder/sub/name"`` with ``/`` separators.  Error messages name
+    the input as ``name``.
     """
     if not isinstance(prefix, str):
-        raise ValueError(f"filename_prefix must be text, got {type(prefix).__name__}")
+        raise ValueError(f"{name} must be text, got {type(prefix).__name__}")
     text = prefix.strip().replace("\\", "/")
     if not text:
-        raise ValueError("filename_prefix is empty; give a name such as 'loralab/my_lora'")
+        raise ValueError(f"{name} is empty; give a name such as 'loralab/my_lora'")
     if text.startswith("/"):
         raise ValueError(
-            f"filename_prefix {prefix!r} is an absolute path; give a path relative to the save "
+            f"{name} {prefix!r} is an absolute path; give a path relative to the save "
             "folder, such as 'loralab/my_lora'"
         )
     if _DRIVE.match(text):
         raise ValueError(
-            f"filename_prefix {prefix!r} starts with a drive letter; give a path relative to the save "
+            f"{name} {prefix!r} starts with a drive letter; give a path relative to the save "
             "folder, such as 'loralab/my_lora'"
         )
     if text.endswith("/"):
         raise ValueError(
-            f"filename_prefix {prefix!r} ends with a folder separator; add a file name after it, such as "
+            f"{name} {prefix!r} ends with a folder separator; add a file name after it, such as "
             f"'{text}my_lora'"
         )
     parts: list[str] = []
     for raw in text.split("/"):
         if raw.strip() == "..":
             raise ValueError(
-                f"filename_prefix {prefix!r} contains '..'; files stay inside the folder they are saved to; remove "
+                f"{name} {prefix!r} contains '..'; files stay inside the folder they are saved to; remove "
                 "the '..' parts"
             )
         if raw.strip() in ("", "."):
@@ -430,19 +458,19 @@ def safe_prefix(prefix: str) -> str:
         part = _BAD_CHARS.sub("_", raw.strip()).lstrip(".").strip()
         if not part:
             raise ValueError(
-                f"filename_prefix {prefix!r} has a folder or file name made only of dots or spaces "
+                f"{name} {prefix!r} has a folder or file name made only of dots or spaces "
                 f"({raw!r}); use letters or digits"
             )
         if len(part) > _MAX_COMPONENT:
             raise ValueError(
-                f"filename_prefix {prefix!r} has a name longer than {_MAX_COMPONENT} characters; shorten it"
+                f"{name} {prefix!r} has a name longer than {_MAX_COMPONENT} characters; shorten it"
             )
         if part.split(".")[0].upper() in _WINDOWS_RESERVED:
             part = "_" + part
         parts.append(part)
     if not parts:
         raise ValueError(
-            f"filename_prefix {prefix!r} has no usable name; give a name such as 'loralab/my_lora'"
+            f"{name} {prefix!r} has no usable name; give a name such as 'loralab/my_lora'"
         )
     return "/".join(parts)
 

@@ -13,6 +13,7 @@ Node ids are short sequential strings, so two graphs built the same way have the
 
 from __future__ import annotations
 
+import os
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -295,3 +296,46 @@ def ui_image_paths(result: RunResult, node: Node, output_dir: pathlib.Path) -> l
         assert e.get("type") == "output", e
         out.append(output_dir / e.get("subfolder", "") / e["filename"])
     return out
+
+
+# ---------------------------------------------------------------------- files on disk
+
+
+def tree_snapshot(root: pathlib.Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Every file, folder and symlink below ``root`` (symlinks listed, not followed): relative posix
+    path -> (size, mtime_ns) for files, (-1, 0) for folders and links. Top-level entries named in
+    ``skip`` (e.g. ``"user"``, where ComfyUI keeps its database) are left out. Compare two snapshots
+    to prove that nothing was written, changed or removed."""
+    out: dict[str, tuple[int, int]] = {}
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = pathlib.Path(folder)
+        if here == root:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        for name in dirs + files:
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            is_file = path.is_file() and not path.is_symlink()
+            out[rel] = (st.st_size, st.st_mtime_ns) if is_file else (-1, 0)
+    return out
+
+
+def snapshot_diff(before: dict, after: dict) -> dict[str, list[str]]:
+    """What changed between two :func:`tree_snapshot` results (empty lists when nothing did)."""
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(k for k in set(before) & set(after) if before[k] != after[k]),
+    }
+
+
+def write_latent_dataset(base_dir: pathlib.Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Save ``tensors`` (keys latents [N,C,H,W], context [N,T,D], optional pooled [N,P]) as
+    ``<base_dir>/input/<name>`` for ``LoraLab_LoadLatentDataset``; returns ``name``."""
+    from safetensors.torch import save_file
+
+    path = base_dir / "input" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return name

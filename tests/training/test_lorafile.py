@@ -142,6 +142,37 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, where):
     assert _listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_safetensors_io_error_names_the_file(tmp_path, monkeypatch, code):
+    # safetensors reports a full disk or a read-only folder as its own SafetensorError (not an
+    # OSError), after it has removed its partial output: the caller still gets an OSError naming the
+    # file and the cause, and nothing is left behind.
+    from safetensors import SafetensorError
+
+    def failing_save(tensors, filename, metadata=None):
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    target = tmp_path / "full.safetensors"
+    with pytest.raises(OSError) as info:
+        save_lora_file(_sd(), target)
+    assert info.value.errno == code
+    assert str(target) in str(info.value) and os.strerror(code) in str(info.value)
+    assert _listing(tmp_path) == []
+
+
+def test_other_safetensors_errors_pass_through(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def failing_save(tensors, filename, metadata=None):
+        raise SafetensorError("some other problem")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(SafetensorError):
+        save_lora_file(_sd(), tmp_path / "x.safetensors")
+    assert _listing(tmp_path) == []
+
+
 def test_interrupt_during_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
