@@ -2,7 +2,7 @@
 
 Runs the two nodes alternately (A B A B ...) on the same generated model, data and settings and
 prints, per node: steps/s (from websocket progress messages, first to last), the server's peak RSS
-during the prompt (VmHWM, reset before each prompt; Linux), and the denoising loss on the training
+over a fresh server's life (VmRSS sampled every 10 ms; Linux; each run gets its own server), and the denoising loss on the training
 latents after training (LoraLab_DenoiseLoss on the MODEL each node returns: fixed noise levels and
 noise, identical for both). Then the ratios ours / built-in as medians.
 
@@ -16,6 +16,7 @@ import pathlib
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -78,35 +79,44 @@ def write_shards(base: pathlib.Path, size: int) -> None:
     torch.save(shard, folder / "shard_0000.pkl")
 
 
-def peak_rss_reset(pid: int) -> None:
-    try:
-        pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        pass
+class RssSampler:
+    """Peak resident memory of a process during a block, sampled from /proc every 10 ms (the kernel's
+    own high-water mark cannot be reset on every machine)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_kib, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        status = pathlib.Path(f"/proc/{self.pid}/status")
+        while not self._stop.is_set():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def run_one(server: ComfyServer, client, node: str, **kw) -> dict:
+def run_one(client, node: str, **kw) -> dict:
     times: list[tuple[float, int]] = []
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "progress" and str(data.get("node")) == "3":
             times.append((time.perf_counter(), int(data["value"])))
 
-    peak_rss_reset(server.pid)
     res = client.run(prompt(node, **kw), timeout=1800, on_event=on_event)
     if res.status != "success":
         raise SystemExit(f"{node} failed: {res.error_message}")
     (t0, v0), (t1, v1) = times[0], times[-1]
     return {
         "steps_per_s": (v1 - v0) / (t1 - t0) if t1 > t0 else float("nan"),
-        "peak_rss_mib": peak_rss_mib(server.pid),
         "denoise_loss": float(res.outputs["4"]["loss"][0]),
     }
 
@@ -126,28 +136,30 @@ def main() -> None:
         base = prepare_base_dir(pathlib.Path(tmp) / "base")
         model = write_model(base, args.depth)
         write_shards(base, args.size)
-        with ComfyServer(base) as server:
-            client = server.client()
-            for dtype in args.dtypes:
-                rows: dict[str, list[dict]] = {k: [] for k in nodes}
-                # warm-up: one short run each (model load, first-call costs)
-                for node in nodes.values():
-                    run_one(server, client, node, steps=4, dtype=dtype, seed=999, rank=args.rank, lr=args.lr, model=model)
-                for pair in range(args.pairs):
-                    for name, node in nodes.items():
-                        r = run_one(server, client, node, steps=args.steps, dtype=dtype, seed=pair, rank=args.rank, lr=args.lr, model=model)
-                        rows[name].append(r)
-                        print(f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
-                              f"peak RSS {r['peak_rss_mib']:7.0f} MiB  denoise loss {r['denoise_loss']:.4f}", flush=True)
-                print(f"\n{model}, 4 latents {args.size}x{args.size}, {dtype}, rank {args.rank}, batch 1, AdamW, lr {args.lr}, "
-                      f"{args.steps} steps, gradient checkpointing on, {args.pairs} pairs (medians)")
-                print(f"{'':10s}{'steps/s':>10s}{'peak RSS MiB':>14s}{'denoise loss':>14s}")
-                med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0]} for n in nodes}
-                for n in nodes:
-                    print(f"{n:10s}{med[n]['steps_per_s']:10.2f}{med[n]['peak_rss_mib']:14.0f}{med[n]['denoise_loss']:14.4f}")
-                o, b = med["ours"], med["built-in"]
-                print(f"{'ratio':10s}{o['steps_per_s'] / b['steps_per_s']:9.2f}x{o['peak_rss_mib'] / b['peak_rss_mib']:13.2f}x"
-                      f"{o['denoise_loss'] / b['denoise_loss']:13.2f}x\n", flush=True)
+        for dtype in args.dtypes:
+            rows: dict[str, list[dict]] = {k: [] for k in nodes}
+            for pair in range(args.pairs):
+                for name, node in nodes.items():
+                    # A fresh server per run: its peak RSS then belongs to this node alone (allocators
+                    # keep freed memory, so a shared server would report the larger of the two).
+                    with ComfyServer(base) as server, RssSampler(server.pid) as rss:
+                        client = server.client()
+                        kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model)
+                        run_one(client, node, steps=4, seed=999, **kw)  # warm-up: model load, first calls
+                        r = run_one(client, node, steps=args.steps, seed=pair, **kw)
+                    r["peak_rss_mib"] = rss.peak_kib / 1024
+                    rows[name].append(r)
+                    print(f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
+                          f"peak RSS {r['peak_rss_mib']:7.0f} MiB  denoise loss {r['denoise_loss']:.4f}", flush=True)
+            print(f"\n{model}, 4 latents {args.size}x{args.size}, {dtype}, rank {args.rank}, batch 1, AdamW, lr {args.lr}, "
+                  f"{args.steps} steps, gradient checkpointing on, {args.pairs} pairs (medians)")
+            print(f"{'':10s}{'steps/s':>10s}{'peak RSS MiB':>14s}{'denoise loss':>14s}")
+            med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0]} for n in nodes}
+            for n in nodes:
+                print(f"{n:10s}{med[n]['steps_per_s']:10.2f}{med[n]['peak_rss_mib']:14.0f}{med[n]['denoise_loss']:14.4f}")
+            o, b = med["ours"], med["built-in"]
+            print(f"{'ratio':10s}{o['steps_per_s'] / b['steps_per_s']:9.2f}x{o['peak_rss_mib'] / b['peak_rss_mib']:13.2f}x"
+                  f"{o['denoise_loss'] / b['denoise_loss']:13.2f}x\n", flush=True)
 
 
 if __name__ == "__main__":
