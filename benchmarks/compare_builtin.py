@@ -46,33 +46,43 @@ def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, m
 SHARD_FOLDER = "loralab_bench_dataset"
 
 
-def write_model(base: pathlib.Path, depth: int) -> str:
-    """An SD3/MMDiT of the given depth (hidden 64*depth), seeded like the tiny default."""
-    if depth == 2:
+# arch -> (latent channels, context width, context tokens, pooled width; 0 = none)
+DATA_SHAPES = {"sd3": (16, 64, 8, 64), "sd15mini": (4, 768, 77, 0)}
+
+
+def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
+    """An SD3/MMDiT of the given depth (hidden 64*depth) or the mini SD1.5 UNet, seeded like the
+    tiny default."""
+    if arch == "sd3" and depth == 2:
         return MODEL_NAME
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_tiny_models import mmdit_state_dict
+    from make_tiny_models import mmdit_state_dict, sd15_mini_state_dict
 
-    name = f"loralab-bench-sd3-d{depth}.safetensors"
-    save_file(mmdit_state_dict(depth, 64, 64, 32, 0), str(base / "models" / "diffusion_models" / name))
+    if arch == "sd15mini":
+        name, sd = "loralab-bench-sd15-mini.safetensors", sd15_mini_state_dict(0)
+    else:
+        name, sd = f"loralab-bench-sd3-d{depth}.safetensors", mmdit_state_dict(depth, 64, 64, 32, 0)
+    save_file(sd, str(base / "models" / "diffusion_models" / name))
     return name
 
 
-def write_shards(base: pathlib.Path, size: int) -> None:
+def write_shards(base: pathlib.Path, arch: str, size: int) -> None:
     """A dataset of 4 latents (size x size) as the shard file stock LoadTrainingDataset reads: one
     latent and one conditioning per list entry."""
     import torch
 
     from training.tinydata import make_latent_dataset
 
-    data = make_latent_dataset(n=4, channels=16, height=size, width=size, context_dim=64, tokens=8, pooled_dim=64)
+    channels, ctx, tokens, pooled = DATA_SHAPES[arch]
+    data = make_latent_dataset(n=4, channels=channels, height=size, width=size, context_dim=ctx, tokens=tokens,
+                               pooled_dim=max(pooled, 1))  # fmt: skip
     n = data["latents"].shape[0]
+    opts = [{"pooled_output": data["pooled"][i : i + 1].clone()} if pooled else {} for i in range(n)]
     shard = {
         "latents": [{"samples": data["latents"][i : i + 1].clone()} for i in range(n)],
-        "conditioning": [[[data["context"][i : i + 1].clone(), {"pooled_output": data["pooled"][i : i + 1].clone()}]]
-                         for i in range(n)],
+        "conditioning": [[[data["context"][i : i + 1].clone(), opts[i]]] for i in range(n)],
     }
     folder = base / "output" / SHARD_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,14 +138,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--arch", choices=sorted(DATA_SHAPES), default="sd3", help="sd3 (MMDiT) or sd15mini (mini SD1.5 UNet)")
     ap.add_argument("--depth", type=int, default=2, help="SD3/MMDiT depth (2 = the tiny default; 4, 8 ...)")
     ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px)")
     args = ap.parse_args()
     nodes = {"ours": "LoraLab_TrainLoraNode", "built-in": "TrainLoraNode"}
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as tmp:
         base = prepare_base_dir(pathlib.Path(tmp) / "base")
-        model = write_model(base, args.depth)
-        write_shards(base, args.size)
+        model = write_model(base, args.arch, args.depth)
+        write_shards(base, args.arch, args.size)
         for dtype in args.dtypes:
             rows: dict[str, list[dict]] = {k: [] for k in nodes}
             for pair in range(args.pairs):

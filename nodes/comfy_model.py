@@ -126,21 +126,26 @@ def make_predict_x0(patcher):
     return predict_x0
 
 
-def autocast_dtype(training_dtype: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device does bf16 well; fp32 (None) otherwise, said in the log."""
+def compute_dtype(training_dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 where the device does bf16 well; fp32 otherwise (said in the log)."""
     if training_dtype != "bf16":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log.warning("LoRA Lab: this GPU has no bf16 support; training in fp32")
-        return None
-    if device.type == "cpu":
-        if _cpu_has_bf16():
-            return torch.bfloat16
+        return torch.float32
+    if device.type == "cpu" and not _cpu_has_bf16():
         log.info("LoRA Lab: this CPU has no native bf16 (avx512_bf16 / amx); training in fp32")
-        return None
+        return torch.float32
     return torch.bfloat16
+
+
+def set_compute_dtype(patcher, dtype: torch.dtype) -> None:
+    """Run this clone's forward in `dtype` through ComfyUI's own manual-cast machinery (inputs,
+    weights per op and activations), as samplers do for a model stored in another dtype. It is an
+    object patch of the clone: the caller's MODEL keeps its own setting. Compared with autocast,
+    activations stay in bf16 end to end, which is what lowers peak memory."""
+    if dtype != patcher.model.get_dtype():
+        patcher.set_model_compute_dtype(dtype)
 
 
 def _cpu_has_bf16() -> bool:

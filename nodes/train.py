@@ -65,7 +65,7 @@ class TrainLoraNode(io.ComfyNode):
                 io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer."),
                 io.Combo.Input("loss_function", options=list(LOSS_NAMES), default="MSE", tooltip="Distance between prediction and target, in the model family's target space."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for adapter initialisation, batch order, noise levels and noise."),
-                io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype: bf16 autocast where the device supports it, else fp32."),
+                io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype of the forward and backward pass: bf16 where the device supports it, else fp32."),
                 io.Combo.Input("lora_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Dtype of the returned and saved adapter weights (training keeps fp32 master weights)."),
                 io.Combo.Input("algorithm", options=list(ALGORITHM_NAMES), default="LoRA", tooltip="Adapter algorithm."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute block activations in backward: less memory, ~30% more compute."),
@@ -125,6 +125,7 @@ def train(
         carried = start.load_into(adapters, targets, config, device)
         if carried:  # what we do not train still shapes what the adapter learns
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
+        cm.set_compute_dtype(patcher, cm.compute_dtype(config.training_dtype, device))
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         cm.materialize_inference_tensors(patcher.model)
         samples = cm.build_samples(patcher, latents, positive, device)
@@ -173,7 +174,6 @@ def train(
                     objective=cm.objective_for(patcher, config),
                     config=config,
                     device=device,
-                    autocast_dtype=cm.autocast_dtype(config.training_dtype, device),
                     resume=ResumeState(start.step, start.step + config.steps, start.optimizer_state),
                     on_step=bar.update,
                     on_checkpoint=save_checkpoint,

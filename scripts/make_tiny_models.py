@@ -34,10 +34,7 @@ def _comfy_path() -> pathlib.Path:
 def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int, seed: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(_comfy_path()))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _import_comfy()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
@@ -58,19 +55,52 @@ def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int
             pos_embed_scaling_factor=None,
             operations=comfy.ops.disable_weight_init,
         )
+    return fill_state_dict(net.state_dict(), seed, ("attn.proj.weight", "mlp.fc2.weight"), depth)
+
+
+def sd15_mini_state_dict(seed: int) -> dict:
+    """A "mini" SD1.5 UNet (one level, one res block, one transformer block: 25.8 M params) that
+    ComfyUI's detection reads as SD15 (model_channels 320, context 768, conv proj_in)."""
+    import torch
+
+    _import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        net = UNetModel(
+            image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], dropout=0,
+            channel_mult=[1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+            transformer_depth=[1], context_dim=768, use_linear_in_transformer=False, transformer_depth_middle=1,
+            transformer_depth_output=[1, 1], adm_in_channels=None, operations=comfy.ops.disable_weight_init,
+        )  # fmt: skip
+    residual = ("out_layers.3.weight", "proj_out.weight", "to_out.0.weight", "ff.net.2.weight")
+    return fill_state_dict(net.state_dict(), seed, residual, 3)
+
+
+def _import_comfy() -> None:
+    sys.path.insert(0, str(_comfy_path()))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def fill_state_dict(meta_sd: dict, seed: int, residual_suffixes: tuple[str, ...], depth: int) -> dict:
+    """Deterministic values for every tensor of a (meta) state dict: fan-in scaled normal weights,
+    small biases, unit norms; residual-branch outputs start small so deep random models stay finite."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, meta in sorted(net.state_dict().items()):
+    for name, meta in sorted(meta_sd.items()):
         shape = tuple(meta.shape)
         if name == "pos_embed":
             t = torch.randn(shape, generator=gen) * 0.02
         elif name.endswith(".bias"):
             t = torch.randn(shape, generator=gen) * 0.01
         elif len(shape) >= 2:
-            fan_in = math.prod(shape[1:])
-            std = 1.0 / math.sqrt(fan_in)
-            # Residual-branch outputs start small so that deeper random models stay finite.
-            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            std = 1.0 / math.sqrt(math.prod(shape[1:]))
+            if name.endswith(residual_suffixes):
                 std *= 0.5 / math.sqrt(depth)
             t = torch.randn(shape, generator=gen) * std
         else:
