@@ -5,11 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .data import DenoiseLoss, LoadLatentDataset
+from .dataset_images import LoadImageCaptionFolder
 from .files import NODES as FILE_NODES
 from .options import TrainingOptions
 from .train import TrainLoraNode
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, LoadLatentDataset, DenoiseLoss]
+NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, LoadLatentDataset, DenoiseLoss,
+                                       LoadImageCaptionFolder]
 
 
 class LoraLabExtension(ComfyExtension):

@@ -319,7 +319,8 @@ PACK_INFO = {
     },
     "LoraLab_SaveLora": {
         "input": {"required": {"lora": ["LORA_MODEL"], "filename_prefix": ["STRING", {"default": "x"}]},
-                  "optional": {"steps": ["INT", {"forceInput": True}]}},
+                  "optional": {"steps": ["INT", {"forceInput": True}],
+                               "key_format": [["comfyui", "kohya"], {"default": "comfyui"}]}},
         "output": ["STRING"],
     },
     "LoraLab_PlotLoss": {
@@ -363,6 +364,7 @@ def test_example_workflow_converts_to_the_expected_prompt():
         "lora_dtype": "bf16", "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
     }
     assert by_type["LoraLab_SaveLora"][1] == {
-        "lora": [trainer_id, 1], "filename_prefix": "loralab/tiny_sd3", "steps": [trainer_id, 3]}
+        "lora": [trainer_id, 1], "filename_prefix": "loralab/tiny_sd3", "steps": [trainer_id, 3],
+        "key_format": "comfyui"}
     assert by_type["LoraLab_PlotLoss"][1] == {"loss": [trainer_id, 2], "filename_prefix": "loralab/loss"}
     assert by_type["LoraLab_LoadLatentDataset"][1] == {"dataset": "loralab-tiny-dataset.safetensors"}
