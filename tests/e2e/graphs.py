@@ -339,3 +339,17 @@ def write_latent_dataset(base_dir: pathlib.Path, name: str, tensors: dict[str, t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return name
+
+
+def run_ok(comfy, prompt: dict, timeout: float = 300.0, **kwargs):
+    """Run a prompt and insist it succeeded (the failure message is ComfyUI's own)."""
+    result = comfy.run(prompt, timeout=timeout, **kwargs)
+    assert result.status == "success", result.error_message
+    return result
+
+
+def run_logged(comfy_server, prompt: dict, timeout: float = 300.0):
+    """Run a prompt; return (result, the server log written while it ran)."""
+    start = len(comfy_server.log_text())
+    result = comfy_server.client.run(prompt, timeout=timeout)
+    return result, comfy_server.log_text()[start:]

@@ -44,6 +44,8 @@ from tests.e2e.graphs import (
     lora_metadata,
     lora_tensors,
     loralab_progress,
+    run_logged,
+    run_ok,
     saved_lora,
     ui_image_paths,
 )
@@ -76,18 +78,6 @@ ALL_SUFFIXES = set().union(*SUFFIXES.values())
 
 # ---------------------------------------------------------------------- helpers
 
-
-def run_ok(comfy, prompt: dict, timeout: float = 300.0):
-    result = comfy.run(prompt, timeout=timeout)
-    assert result.status == "success", result.error_message
-    return result
-
-
-def run_logged(comfy_server, prompt: dict, timeout: float = 300.0):
-    """Run a prompt; return (result, the server log written while it ran)."""
-    start = len(comfy_server.log_text())
-    result = comfy_server.client.run(prompt, timeout=timeout)
-    return result, comfy_server.log_text()[start:]
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,6 +53,8 @@ from tests.e2e.graphs import (
     lora_metadata,
     lora_tensors,
     progress_events,
+    run_logged,
+    run_ok,
     saved_lora,
     snapshot_diff,
     tree_snapshot,
@@ -73,18 +75,6 @@ _health_seed = iter(range(9000, 10000))
 
 # ---------------------------------------------------------------------- helpers
 
-
-def run_ok(comfy, prompt: dict, timeout: float = 300.0):
-    result = comfy.run(prompt, timeout=timeout)
-    assert result.status == "success", result.error_message
-    return result
-
-
-def run_logged(comfy_server, prompt: dict, timeout: float = 300.0):
-    """Run a prompt; return (result, the server log lines written while it ran)."""
-    start = len(comfy_server.log_text())
-    result = comfy_server.client.run(prompt, timeout=timeout)
-    return result, comfy_server.log_text()[start:]
 
 
 def node_error(result, node) -> str:

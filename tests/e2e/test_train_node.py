@@ -37,6 +37,8 @@ from tests.e2e.graphs import (
     lora_metadata,
     lora_tensors,
     progress_events,
+    run_logged,
+    run_ok,
     saved_lora,
 )
 from training.tinydata import make_latent_dataset
@@ -60,18 +62,6 @@ CHANNELS, CONTEXT_DIM, TOKENS, POOLED_DIM = 16, 64, 8, 64
 
 # ---------------------------------------------------------------------- helpers
 
-
-def run_ok(comfy, prompt: dict, timeout: float = 300.0, **kwargs):
-    result = comfy.run(prompt, timeout=timeout, **kwargs)
-    assert result.status == "success", result.error_message
-    return result
-
-
-def run_logged(comfy_server, prompt: dict, timeout: float = 300.0):
-    """Run a prompt; return (result, the server log lines written while it ran)."""
-    start = len(comfy_server.log_text())
-    result = comfy_server.client.run(prompt, timeout=timeout)
-    return result, comfy_server.log_text()[start:]
 
 
 def write_dataset(comfy_server, name: str, n: int, height: int = 16, width: int = 16, seed: int = 100) -> str:
