@@ -55,7 +55,7 @@ def _check_prefix(filename_prefix) -> bool | str:
     return True
 
 
-def _loras_root() -> Path:
+def loras_root() -> Path:
     folders = folder_paths.get_folder_paths("loras")
     if not folders:
         raise RuntimeError(
@@ -120,7 +120,7 @@ class LoraLab_SaveLora(io.ComfyNode):
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
         tensors = convert_key_format(lora, key_format)
-        root = _loras_root()
+        root = loras_root()
         folder, stem = prefix_location(root, filename_prefix)
 
         metadata = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()}

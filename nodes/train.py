@@ -32,6 +32,7 @@ from ..training.lorafile import (
 )
 from . import comfy_model as cm
 from .events import send_progress
+from .files import loras_root
 from .options import OPTIONS_TYPE
 
 log = logging.getLogger("loralab")
@@ -110,7 +111,7 @@ def train(
 ) -> tuple[LoraStateDict, list[float], int]:
     """Clone the model, attach adapters to the clone's layers for the run only, train, return the
     weights, the loss per step and the total step count (earlier steps of existing_lora included)."""
-    loras_folder = folder_paths.get_folder_paths("loras")[0]
+    loras_folder = loras_root()
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
