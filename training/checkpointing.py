@@ -16,13 +16,25 @@ from torch import nn
 
 
 def repeated_blocks(root: nn.Module) -> list[nn.Module]:
-    """Elements of the outermost ModuleLists under root (not descending into found blocks)."""
+    """Elements of the outermost ModuleLists under root (not descending into found blocks).
+
+    An element that is an nn.Sequential is opened up into its children: callers may iterate a
+    Sequential instead of calling it (ComfyUI's UNet runs TimestepEmbedSequential layer by layer),
+    and a patched forward on the container would then never run."""
     blocks: list[nn.Module] = []
+
+    def take(m: nn.Module) -> None:
+        if isinstance(m, nn.Sequential):
+            for child in m.children():
+                take(child)
+        else:
+            blocks.append(m)
 
     def visit(m: nn.Module) -> None:
         for child in m.children():
             if isinstance(child, nn.ModuleList):
-                blocks.extend(child)
+                for element in child:
+                    take(element)
             else:
                 visit(child)
 

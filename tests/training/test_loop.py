@@ -177,3 +177,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in adapters.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+class IteratedSeq(nn.Module):
+    """Like ComfyUI's UNet: blocks are Sequentials whose layers the parent runs one by one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.input_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), Block(16), Block(16)) for _ in range(3)
+        )
+
+    def forward(self, x):
+        for seq in self.input_blocks:
+            for layer in seq:  # the Sequential's own forward is never called
+                x = layer(x) if x.shape[1] == 16 or isinstance(layer, nn.Conv2d) else x
+            x = x[:, :4]
+        return x
+
+
+def test_checkpointing_reaches_layers_of_iterated_sequentials():
+    net = IteratedSeq()
+    blocks = repeated_blocks(net)
+    assert len(blocks) == 9 and not any(isinstance(b, nn.Sequential) for b in blocks)
+    saved = []
+    for on in (False, True):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+        with frozen(net), adapters.attached(net), gradient_checkpointing(net, on):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = net(torch.randn(2, 4, 32, 32))
+            out.square().mean().backward()
+        saved.append(total)
+    assert saved[1] < 0.5 * saved[0], saved
