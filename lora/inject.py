@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import AdapterModule, ConvSpec, get_algorithm, layer_spec
+from . import ALGORITHMS, ALPHA_KEY, AdapterModule, ConvSpec, get_algorithm, layer_spec
+from .modules.base import UNSUPPORTED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,13 @@ def _make_hook(adapter: AdapterModule):
     return hook
 
 
+# Every per-layer adapter suffix: what each algorithm writes, alpha, and the recognised-but-unsupported
+# variants (grouped with their layer so loading refuses them with a reason instead of ignoring them).
 ADAPTER_SUFFIXES = (
-    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-)  # fmt: skip
+    *(key for cls in ALGORITHMS.values() for key in cls.state_keys),
+    ALPHA_KEY,
+    *UNSUPPORTED_KEYS,
+)
 # Full-size weight deltas (ComfyUI's built-in trainer writes them for norms and biases): not adapters.
 DELTA_SUFFIXES = ("diff", "diff_b", "set_weight")
 

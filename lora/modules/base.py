@@ -19,7 +19,7 @@ ALPHA_KEY = "alpha"
 
 # Keys of real-world adapter files that we recognise but cannot reproduce; loading them silently
 # without these would give a different ΔW, so they are refused with a reason.
-_UNSUPPORTED_KEYS: dict[str, str] = {
+UNSUPPORTED_KEYS: dict[str, str] = {
     "dora_scale": "DoRA weight decomposition",
     "lora_mid.weight": "Tucker (CP) decomposition of a LoCon conv",
     "hada_t1": "Tucker (CP) decomposition of a LoHa conv",
@@ -205,8 +205,8 @@ class AdapterModule(nn.Module):
         module.weight_shape, module.conv = check_layer(weight_shape, conv)
         dtype = _check_dtype(dtype)
         for key in sd:
-            if key in _UNSUPPORTED_KEYS:
-                raise ValueError(f"{cls.algorithm}: key {key!r} ({_UNSUPPORTED_KEYS[key]}) is not supported")
+            if key in UNSUPPORTED_KEYS:
+                raise ValueError(f"{cls.algorithm}: key {key!r} ({UNSUPPORTED_KEYS[key]}) is not supported")
         unexpected = sorted(set(sd) - set(cls.state_keys) - {ALPHA_KEY})
         if unexpected:
             raise ValueError(
