@@ -144,10 +144,10 @@ def train(
             )  # fmt: skip
             return sd
 
-        def save_checkpoint(step: int, total: int, optimizer: torch.optim.Optimizer) -> None:
+        def save_checkpoint(step: int, total: int, optimizer: torch.optim.Optimizer, loss: float) -> None:
             folder, stem = prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")
             path = next_free_path(folder, stem, step)
-            lora = finished_lora(step, bar.losses[-1])  # on_step has run for this step
+            lora = finished_lora(step, loss)
             target = path
             try:
                 written = save_lora_file(lora, path, metadata=lora.metadata)
@@ -252,12 +252,10 @@ class _Progress:
 
     def __init__(self, total: int, node_id):
         self.node_id = node_id
-        self.losses: list[float] = []
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
 
     def update(self, info: StepInfo) -> None:
-        self.losses.append(info.loss)
         self.bar.update(1)
         self.tqdm.update(1)
         self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)

@@ -75,7 +75,7 @@ def run_training(
     autocast_dtype: torch.dtype | None = None,
     resume: ResumeState | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
-    on_checkpoint: Callable[[int, int, torch.optim.Optimizer], None] | None = None,
+    on_checkpoint: Callable[[int, int, torch.optim.Optimizer, float], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `params` for config.steps optimizer steps on the denoising objective.
@@ -83,7 +83,7 @@ def run_training(
     predict_x0(x_t [B,C,...], sigma [B], cond) -> x0 estimate; samples hold latents in model space.
     Batch order, noise levels and noise are pure functions of (seed, global micro-batch number) and
     the learning rate of (step, planned total), so a run resumed from `resume` (optimizer state
-    restored) continues exactly as if it had never stopped. on_checkpoint(step, total, optimizer) is
+    restored) continues exactly as if it had never stopped. on_checkpoint(step, total, optimizer, loss) is
     called every config.save_every steps. Raises TrainingDiverged (naming learning_rate) before a
     non-finite update is applied.
     """
@@ -136,7 +136,7 @@ def run_training(
         if on_step is not None:
             on_step(StepInfo(step - start, config.steps, step_loss, lr, time.perf_counter() - t0))
         if on_checkpoint is not None and config.save_every and step % config.save_every == 0:
-            on_checkpoint(step, total, optimizer)
+            on_checkpoint(step, total, optimizer, step_loss)
     return result
 
 

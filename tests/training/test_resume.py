@@ -53,8 +53,8 @@ def test_resume_is_bit_identical(tmp_path, algorithm, optimizer):
 
     saved = []
 
-    def on_checkpoint(step, total, optimizer):
-        saved.append(step)
+    def on_checkpoint(step, total, optimizer, loss):
+        saved.append((step, loss))
         if step != n:
             return
         save_training_state(state_path_for(ckpt), adapters.state_dict_for_file(dtype=torch.float32),
@@ -62,7 +62,8 @@ def test_resume_is_bit_identical(tmp_path, algorithm, optimizer):
 
     a = _run(cfg, adapters, net, samples, on_checkpoint=on_checkpoint)
     final_a = adapters.state_dict_for_file()
-    assert saved == [n, 2 * n]
+    assert [step for step, _ in saved] == [n, 2 * n]
+    assert [loss for _, loss in saved] == [a.losses[n - 1], a.losses[-1]]  # the loss of that step
 
     # Run B: fresh process state, weights + optimizer from the checkpoint, N more steps.
     master, opt_state, info = load_training_state(state_path_for(ckpt))
