@@ -98,12 +98,6 @@ class AdapterSet(nn.Module):
             self.paths.append(path)
         self.adapters[_key(path)] = adapter
 
-    def __contains__(self, path: str) -> bool:
-        return path in self.paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters in a fixed order (by name), whatever order the modules registered them in:
         optimizer state saved by one run maps onto the parameters of the next."""
