@@ -1,9 +1,11 @@
 """Profile our trainer in-process (no server): where does a training step spend its time?
 
-    .venv/bin/python benchmarks/profile_train.py [--depth 2] [--steps 60] [--dtype bf16] [--cprofile]
+    .venv/bin/python benchmarks/profile_train.py [--arch sd3|sd15mini] [--depth 2] [--steps 60] [--dtype bf16]
+        [--cprofile | --torch-profile] [--comfy-attention]
 
-Builds the SD3/MMDiT model of the given depth (2 = the tiny default), loads it with ComfyUI's own
-loader, and runs the pack's train() the way the node does, printing steps/s and a profile.
+Builds the SD3/MMDiT model of the given depth (2 = the tiny default) or the mini SD1.5 UNet, loads
+it with ComfyUI's own loader, and runs the pack's train() the way the node does, printing steps/s
+and a profile (cProfile by Python function, or torch.profiler by operator).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--torch-profile", action="store_true", help="operator table from torch.profiler")
+    ap.add_argument("--arch", choices=["sd3", "sd15mini"], default="sd3")
+    ap.add_argument("--shapes", action="store_true", help="group the torch.profiler table by input shapes")
+    ap.add_argument(
+        "--comfy-attention", action="store_true", help="keep ComfyUI's attention (no SDPA override)"
+    )
     args = ap.parse_args()
     train_mod = load_pack()
     import comfy.sd
@@ -50,35 +58,52 @@ def main() -> None:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_tiny_models import mmdit_state_dict
+    from make_tiny_models import mmdit_state_dict, sd15_mini_state_dict
 
     from training.config import TrainConfig
     from training.tinydata import make_latent_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "m.safetensors"
-        save_file(mmdit_state_dict(args.depth, 64, 64, 32, 0), str(path))
+        sd = sd15_mini_state_dict(0) if args.arch == "sd15mini" else mmdit_state_dict(args.depth, 64, 64, 32, 0)
+        save_file(sd, str(path))
         with torch.inference_mode():
             model = comfy.sd.load_diffusion_model(str(path))
-    data = make_latent_dataset(4, 16, args.size, args.size, 64, 8, 64, seed=0)
+    if args.comfy_attention:
+        train_mod.cm.use_fast_attention = lambda patcher: None
+    if args.arch == "sd15mini":
+        data = make_latent_dataset(4, 4, args.size, args.size, 768, 77, 1, seed=0)
+        positive = [[[data["context"], {}]]]
+    else:
+        data = make_latent_dataset(4, 16, args.size, args.size, 64, 8, 64, seed=0)
+        positive = [[[data["context"], {"pooled_output": data["pooled"]}]]]
     latents = [{"samples": data["latents"]}]
-    positive = [[[data["context"], {"pooled_output": data["pooled"]}]]]
     cfg = TrainConfig(steps=args.steps, learning_rate=1e-3, training_dtype=args.dtype, lora_dtype=args.dtype,
                       gradient_checkpointing=not args.no_checkpointing)  # fmt: skip
     n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    print(f"SD3 depth {args.depth}: {n_params / 1e6:.1f} M params, latent {args.size}x{args.size}, {args.dtype}")
+    name = "mini SD1.5 UNet" if args.arch == "sd15mini" else f"SD3 depth {args.depth}"
+    print(f"{name}: {n_params / 1e6:.1f} M params, latent {args.size}x{args.size}, {args.dtype}")
     train_mod.train(model, latents, positive, cfg.replace(steps=3), "[None]", None, "x")  # warm-up
     prof = cProfile.Profile() if args.cprofile else None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    tprof = torch.profiler.profile(activities=activities, record_shapes=args.shapes) if args.torch_profile else None
     t0 = time.perf_counter()
     if prof:
         prof.enable()
+    if tprof:
+        tprof.__enter__()
     train_mod.train(model, latents, positive, cfg, "[None]", None, "x")
+    if tprof:
+        tprof.__exit__(None, None, None)
     if prof:
         prof.disable()
     dt = time.perf_counter() - t0
     print(f"{args.steps} steps in {dt:.2f} s: {args.steps / dt:.2f} steps/s (incl. set-up)")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+    if tprof:
+        table = tprof.key_averages(group_by_input_shape=args.shapes)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=45 if args.shapes else 30))
 
 
 if __name__ == "__main__":

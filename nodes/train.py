@@ -127,6 +127,9 @@ def train(
         if carried:  # what we do not train still shapes what the adapter learns
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
         cm.set_compute_dtype(patcher, cm.compute_dtype(config.training_dtype, device))
+        replaced = cm.use_fast_attention(patcher)
+        if replaced:
+            log.info("LoRA Lab: training attention runs on PyTorch SDPA instead of ComfyUI's %s", replaced)
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         cm.materialize_inference_tensors(patcher.model)
         samples = cm.build_samples(patcher, latents, positive, device)

@@ -1,0 +1,43 @@
+"""In-process tests of the pack's ComfyUI glue (nodes/), against the checkout's real ComfyUI modules.
+
+The pack is imported as the package ``loralab_pack`` (its relative imports need a parent package);
+``loralab_pack.nodes`` is registered bare, so a test imports only the module it tests instead of
+every node class and the server modules they pull in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFYUI_ROOT = ROOT / ".comfyui" / "ComfyUI"
+PACK = "loralab_pack"
+
+
+@pytest.fixture(scope="session")
+def comfy_glue():
+    """Returns ``import_module(name)`` for ``loralab_pack.nodes.<name>``; skips without a checkout."""
+    if not (COMFYUI_ROOT / "comfy" / "model_patcher.py").is_file():
+        pytest.skip(f"no ComfyUI checkout at {COMFYUI_ROOT} (run scripts/setup.sh)")
+    # Appended: ComfyUI's root also holds top-level `nodes` / `utils` that must not shadow this repo's.
+    if str(COMFYUI_ROOT) not in sys.path:
+        sys.path.append(str(COMFYUI_ROOT))
+    cli_args = importlib.import_module("comfy.cli_args")
+    cli_args.args.cpu = True  # before comfy.model_management is imported, so it never probes a GPU
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = pack
+        spec.loader.exec_module(pack)
+        nodes = types.ModuleType(f"{PACK}.nodes")
+        nodes.__path__ = [str(ROOT / "nodes")]
+        sys.modules[nodes.__name__] = nodes
+    return lambda name: importlib.import_module(f"{PACK}.nodes.{name}")
