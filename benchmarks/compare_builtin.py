@@ -7,6 +7,13 @@ latents after training (LoraLab_DenoiseLoss on the MODEL each node returns: fixe
 noise, identical for both). Then the ratios ours / built-in as medians.
 
     .venv/bin/python benchmarks/compare_builtin.py [--pairs 3] [--steps 60] [--dtypes fp32 bf16]
+        [--arch sd3|sd15mini|sd15|sdxl] [--depth N] [--size S] [--batch B]
+
+On a CUDA machine (ComfyUI then runs without --cpu) memory is the server process's GPU memory as
+nvidia-smi reports it (sampled every 50 ms), and the model FLOP utilisation is printed: MFU =
+3 x forward FLOPs of the base model per step (counted by torch's FlopCounterMode on meta tensors) x
+steps/s / the card's peak dense bf16 FLOP/s (--peak-tflops, else looked up from the GPU's name).
+`--arch sd15` / `sdxl` write full-size SD1.5 (860 M) / SDXL (2.6 B) UNets with random weights in bf16.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir  # noqa: E402
 
 
-def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME) -> dict:
+def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
+           evaluate: bool = True, batch: int = 1) -> dict:  # fmt: skip
     train_inputs = {
         "model": ["1", 0], "latents": ["2", 0], "positive": ["2", 1],
-        "batch_size": 1, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": lr, "rank": rank,
+        "batch_size": batch, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": lr, "rank": rank,
         "optimizer": "AdamW", "loss_function": "MSE", "seed": seed, "training_dtype": dtype, "lora_dtype": dtype,
         "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
     }  # fmt: skip
@@ -38,8 +47,11 @@ def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, m
         # nodes get the data as lists from stock LoadTrainingDataset (shards written below).
         "2": {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": SHARD_FOLDER}},
         "3": {"class_type": node, "inputs": train_inputs},
+        # Evaluating needs the returned MODEL in memory as ComfyUI applies it for sampling; the warm-up
+        # run only plots its loss, so the memory of that application is not counted as training's.
         "4": {"class_type": "LoraLab_DenoiseLoss",
-              "inputs": {"model": ["3", 0], "latents": ["2", 0], "positive": ["2", 1], "seed": 0, "levels": 8}},
+              "inputs": {"model": ["3", 0], "latents": ["2", 0], "positive": ["2", 1], "seed": 0, "levels": 8}}
+        if evaluate else {"class_type": "LoraLab_PlotLoss", "inputs": {"loss": ["3", 2], "filename_prefix": "bench/warmup"}},
     }  # fmt: skip
 
 
@@ -47,7 +59,7 @@ SHARD_FOLDER = "loralab_bench_dataset"
 
 
 # arch -> (latent channels, context width, context tokens, pooled width; 0 = none)
-DATA_SHAPES = {"sd3": (16, 64, 8, 64), "sd15mini": (4, 768, 77, 0)}
+DATA_SHAPES = {"sd3": (16, 64, 8, 64), "sd15mini": (4, 768, 77, 0), "sd15": (4, 768, 77, 0), "sdxl": (4, 2048, 77, 1280)}
 
 
 def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
@@ -58,9 +70,12 @@ def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_tiny_models import mmdit_state_dict, sd15_mini_state_dict
+    from make_tiny_models import mmdit_state_dict, sd15_mini_state_dict, unet_state_dict
 
-    if arch == "sd15mini":
+    if arch in ("sd15", "sdxl"):
+        import torch
+
+        name, sd = f"loralab-bench-{arch}-random.safetensors", unet_state_dict(arch, 0, torch.bfloat16)
         name, sd = "loralab-bench-sd15-mini.safetensors", sd15_mini_state_dict(0)
     else:
         name, sd = f"loralab-bench-sd3-d{depth}.safetensors", mmdit_state_dict(depth, 64, 64, 32, 0)
@@ -68,15 +83,15 @@ def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
     return name
 
 
-def write_shards(base: pathlib.Path, arch: str, size: int) -> None:
-    """A dataset of 4 latents (size x size) as the shard file stock LoadTrainingDataset reads: one
+def write_shards(base: pathlib.Path, arch: str, size: int, n: int = 4) -> None:
+    """A dataset of n latents (size x size) as the shard file stock LoadTrainingDataset reads: one
     latent and one conditioning per list entry."""
     import torch
 
     from training.tinydata import make_latent_dataset
 
     channels, ctx, tokens, pooled = DATA_SHAPES[arch]
-    data = make_latent_dataset(n=4, channels=channels, height=size, width=size, context_dim=ctx, tokens=tokens,
+    data = make_latent_dataset(n=n, channels=channels, height=size, width=size, context_dim=ctx, tokens=tokens,
                                pooled_dim=max(pooled, 1))  # fmt: skip
     n = data["latents"].shape[0]
     opts = [{"pooled_output": data["pooled"][i : i + 1].clone()} if pooled else {} for i in range(n)]
@@ -119,6 +134,92 @@ class RssSampler:
         self._thread.join()
 
 
+class GpuMemorySampler(RssSampler):
+    """The same, for the process's GPU memory as nvidia-smi reports it (CUDA context included), every
+    50 ms; fields keep the RSS names (KiB)."""
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+            for line in out.splitlines():
+                pid, _, mib = line.partition(",")
+                if pid.strip() == str(self.pid) and mib.strip().isdigit():
+                    kib = int(mib) * 1024
+                    self.peak_kib = max(self.peak_kib, kib)
+                    self.phase_peak_kib[self.phase] = max(self.phase_peak_kib.get(self.phase, 0), kib)
+            self._stop.wait(0.05)
+
+
+# Dense bf16 peak FLOP/s by GPU name (vendor data sheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                    "RTX 4090": 165.2, "RTX 3090": 71.0}  # fmt: skip
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():  # first match: "H100 PCIe" before "H100"
+        if key in name:
+            return value
+    return None
+
+
+def forward_flops(arch: str, depth: int, size: int, batch: int) -> float:
+    """FLOPs of one forward of the base model at this batch and latent size, counted by torch's
+    FlopCounterMode on meta tensors (matmuls, convolutions, attention; elementwise ops are not
+    counted), with ComfyUI's own model class."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_models import UNET_ARCHS, _import_comfy
+
+    _import_comfy()
+    import comfy.model_management
+    import comfy.ops
+
+    channels, ctx, tokens, pooled = DATA_SHAPES[arch]
+    with torch.device("meta"):
+        if arch == "sd3":
+            from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+            hidden = 64 * depth
+            net = MMDiT(patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=pooled,
+                        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": ctx, "out_features": hidden}},
+                        pos_embed_max_size=32, num_patches=32 * 32, pos_embed_scaling_factor=None,
+                        operations=comfy.ops.disable_weight_init)  # fmt: skip
+        else:
+            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+            config = UNET_ARCHS[arch] if arch in UNET_ARCHS else dict(
+                in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], channel_mult=[1], num_heads=8,
+                num_head_channels=-1, transformer_depth=[1], context_dim=768, use_linear_in_transformer=False,
+                transformer_depth_middle=1, transformer_depth_output=[1, 1], adm_in_channels=None)  # fmt: skip
+            net = UNetModel(image_size=32, dropout=0, use_spatial_transformer=True,
+                            operations=comfy.ops.disable_weight_init, **config)  # fmt: skip
+        x = torch.empty(batch, channels, size, size)
+        kwargs = {"context": torch.empty(batch, tokens, ctx)}
+        if pooled:
+            kwargs["y"] = torch.empty(batch, 2816 if arch == "sdxl" else pooled)
+        # ComfyUI's CPU attention asks how much memory is free, which meta tensors cannot answer.
+        free = comfy.model_management.get_free_memory
+        comfy.model_management.get_free_memory = lambda *a, **k: (1 << 40, 1 << 40) if k.get("torch_free_too") or len(a) > 1 else 1 << 40
+        try:
+            with FlopCounterMode(display=False) as counter:
+                net(x, torch.empty(batch), **kwargs)
+        finally:
+            comfy.model_management.get_free_memory = free
+    return float(counter.get_total_flops())
+
+
 def run_one(client, node: str, rss: RssSampler | None = None, **kw) -> dict:
     times: list[tuple[float, int]] = []
 
@@ -134,7 +235,7 @@ def run_one(client, node: str, rss: RssSampler | None = None, **kw) -> dict:
     (t0, v0), (t1, v1) = times[0], times[-1]
     return {
         "steps_per_s": (v1 - v0) / (t1 - t0) if t1 > t0 else float("nan"),
-        "denoise_loss": float(res.outputs["4"]["loss"][0]),
+        "denoise_loss": float(res.outputs["4"]["loss"][0]) if "loss" in res.outputs.get("4", {}) else float("nan"),
     }
 
 
@@ -145,39 +246,53 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--arch", choices=sorted(DATA_SHAPES), default="sd3", help="sd3 (MMDiT) or sd15mini (mini SD1.5 UNet)")
+    ap.add_argument("--arch", choices=sorted(DATA_SHAPES), default="sd3",
+                    help="sd3 (MMDiT of --depth), sd15mini (mini SD1.5 UNet), sd15 / sdxl (full-size, random weights)")
+    ap.add_argument("--batch", type=int, default=1, help="batch_size of both nodes (the dataset has max(4, batch) latents)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--depth", type=int, default=2, help="SD3/MMDiT depth (2 = the tiny default; 4, 8 ...)")
     ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px)")
     args = ap.parse_args()
     nodes = {"ours": "LoraLab_TrainLoraNode", "built-in": "TrainLoraNode"}
+    gpu = gpu_name()
+    sampler = GpuMemorySampler if gpu else RssSampler
+    memory = "peak GPU MiB" if gpu else "peak RSS MiB"
+    peak = args.peak_tflops or (peak_tflops(gpu) if gpu else None)
+    step_flops = 3 * forward_flops(args.arch, args.depth, args.size, args.batch)
+    print(f"{gpu or 'CPU'}; model training FLOPs per step (3 x forward): {step_flops / 1e12:.3f} TFLOP", flush=True)
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as tmp:
         base = prepare_base_dir(pathlib.Path(tmp) / "base")
         model = write_model(base, args.arch, args.depth)
-        write_shards(base, args.arch, args.size)
+        write_shards(base, args.arch, args.size, max(4, args.batch))
         for dtype in args.dtypes:
             rows: dict[str, list[dict]] = {k: [] for k in nodes}
             for pair in range(args.pairs):
                 for name, node in nodes.items():
                     # A fresh server per run: its peak RSS then belongs to this node alone (allocators
                     # keep freed memory, so a shared server would report the larger of the two).
-                    with ComfyServer(base) as server, RssSampler(server.pid) as rss:
+                    with ComfyServer(base) as server, sampler(server.pid) as rss:
                         client = server.client()
-                        kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model)
-                        run_one(client, node, rss, steps=4, seed=999, **kw)  # warm-up: model load, first calls
+                        kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model, batch=args.batch)
+                        run_one(client, node, rss, steps=4, seed=999, evaluate=False, **kw)  # warm-up: model load, first calls
                         r = run_one(client, node, rss, steps=args.steps, seed=pair, **kw)
                     r["peak_rss_mib"] = rss.peak_kib / 1024
                     r["train_rss_mib"] = rss.phase_peak_kib.get("3", 0) / 1024
                     rows[name].append(r)
                     print(f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
-                          f"peak RSS {r['peak_rss_mib']:7.0f} MiB (training node {r['train_rss_mib']:5.0f})  "
+                          f"{memory} {r['peak_rss_mib']:7.0f} (training node {r['train_rss_mib']:5.0f})  "
                           f"denoise loss {r['denoise_loss']:.4f}", flush=True)
-            print(f"\n{model}, 4 latents {args.size}x{args.size}, {dtype}, rank {args.rank}, batch 1, AdamW, lr {args.lr}, "
-                  f"{args.steps} steps, gradient checkpointing on, {args.pairs} pairs (medians)")
-            print(f"{'':10s}{'steps/s':>10s}{'peak RSS MiB':>14s}{'in training':>13s}{'denoise loss':>14s}")
+            print(f"\n{model}, {max(4, args.batch)} latents {args.size}x{args.size}, {dtype}, rank {args.rank}, "
+                  f"batch {args.batch}, AdamW, lr {args.lr}, {args.steps} steps, gradient checkpointing on, "
+                  f"{args.pairs} pairs (medians)")  # fmt: skip
+            print(f"{'':10s}{'steps/s':>10s}{memory:>14s}{'in training':>13s}{'denoise loss':>14s}{'TFLOP/s':>9s}"
+                  + (f"{'MFU':>8s}" if peak else ""))  # fmt: skip
             med = {n: {k: statistics.median(r[k] for r in rows[n]) for k in rows[n][0]} for n in nodes}
             for n in nodes:
                 m = med[n]
-                print(f"{n:10s}{m['steps_per_s']:10.2f}{m['peak_rss_mib']:14.0f}{m['train_rss_mib']:13.0f}{m['denoise_loss']:14.4f}")
+                achieved = step_flops * m["steps_per_s"]  # model FLOP/s (MFU's numerator)
+                mfu = f"{100 * achieved / (peak * 1e12):7.1f}%" if peak else ""
+                print(f"{n:10s}{m['steps_per_s']:10.2f}{m['peak_rss_mib']:14.0f}{m['train_rss_mib']:13.0f}"
+                      f"{m['denoise_loss']:14.4f}{achieved / 1e12:9.3f}{mfu}")  # fmt: skip
             o, b = med["ours"], med["built-in"]
             print(f"{'ratio':10s}{o['steps_per_s'] / b['steps_per_s']:9.2f}x{o['peak_rss_mib'] / b['peak_rss_mib']:13.2f}x"
                   f"{o['train_rss_mib'] / b['train_rss_mib']:12.2f}x{o['denoise_loss'] / b['denoise_loss']:13.2f}x\n", flush=True)

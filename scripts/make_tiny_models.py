@@ -78,6 +78,42 @@ def sd15_mini_state_dict(seed: int) -> dict:
     return fill_state_dict(net.state_dict(), seed, residual, 3)
 
 
+# Full-size UNet architectures (ComfyUI's UNetModel arguments), for GPU benchmarks with random weights.
+# transformer_depth_output is consumed from its end (deepest output block first).
+UNET_ARCHS = {
+    "sd15": dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                 num_heads=8, num_head_channels=-1, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], context_dim=768,
+                 use_linear_in_transformer=False, transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], adm_in_channels=None),
+    "sdxl": dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                 num_heads=-1, num_head_channels=64, transformer_depth=[0, 0, 2, 2, 10, 10], context_dim=2048,
+                 use_linear_in_transformer=True, transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], adm_in_channels=2816, num_classes="sequential"),
+}  # fmt: skip
+
+
+def unet_meta_state_dict(arch: str) -> dict:
+    """Names and shapes (meta tensors) of a full-size SD1.5 or SDXL UNet, from ComfyUI's own class."""
+    import torch
+
+    _import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        net = UNetModel(image_size=32, dropout=0, use_spatial_transformer=True, operations=comfy.ops.disable_weight_init,
+                        **UNET_ARCHS[arch])  # fmt: skip
+    return net.state_dict()
+
+
+def unet_state_dict(arch: str, seed: int, dtype=None) -> dict:
+    """A full-size SD1.5 (860 M) or SDXL (2.6 B) UNet with random weights (values as fill_state_dict),
+    stored in `dtype` (default float32)."""
+    residual = ("out_layers.3.weight", "proj_out.weight", "to_out.0.weight", "ff.net.2.weight")
+    sd = fill_state_dict(unet_meta_state_dict(arch), seed, residual, 12)
+    return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
+
+
 def _import_comfy() -> None:
     sys.path.insert(0, str(_comfy_path()))
     import comfy.cli_args
