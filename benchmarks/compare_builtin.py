@@ -30,7 +30,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir  # noqa: E402
+from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir, write_stock_dataset  # noqa: E402
 
 
 def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
@@ -86,7 +86,6 @@ def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
 def write_shards(base: pathlib.Path, arch: str, size: int, n: int = 4) -> None:
     """A dataset of n latents (size x size) as the shard file stock LoadTrainingDataset reads: one
     latent and one conditioning per list entry."""
-    import torch
 
     from training.tinydata import make_latent_dataset
 
@@ -95,13 +94,12 @@ def write_shards(base: pathlib.Path, arch: str, size: int, n: int = 4) -> None:
                                pooled_dim=max(pooled, 1))  # fmt: skip
     n = data["latents"].shape[0]
     opts = [{"pooled_output": data["pooled"][i : i + 1].clone()} if pooled else {} for i in range(n)]
-    shard = {
-        "latents": [{"samples": data["latents"][i : i + 1].clone()} for i in range(n)],
-        "conditioning": [[[data["context"][i : i + 1].clone(), opts[i]]] for i in range(n)],
-    }
-    folder = base / "output" / SHARD_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(shard, folder / "shard_0000.pkl")
+    write_stock_dataset(
+        base,
+        SHARD_FOLDER,
+        [{"samples": data["latents"][i : i + 1].clone()} for i in range(n)],
+        [[[data["context"][i : i + 1].clone(), opts[i]]] for i in range(n)],
+    )
 
 
 class RssSampler:

@@ -40,6 +40,7 @@ __all__ = [
     "cuda_available",
     "find_free_port",
     "prepare_base_dir",
+    "write_stock_dataset",
 ]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -121,6 +122,27 @@ def _link(target: pathlib.Path, link: pathlib.Path) -> None:
     elif link.exists():
         return  # a real file / folder is there already: keep it
     link.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def write_stock_dataset(base_dir: str | os.PathLike, folder: str, latents: list, conditioning: list) -> pathlib.Path:
+    """A dataset that stock ``LoadTrainingDataset`` reads, in every layout it has used: one shard
+    (``shard_0000.pkl``, torch.save of {"latents": [LATENT, ...], "conditioning": [CONDITIONING, ...]},
+    loaded with weights_only=True) under ``output/<folder>`` (ComfyUI 0.3.x) and under
+    ``datasets/<folder>`` beside a ``metadata.json`` (newer releases list only folders that have one)."""
+    import json
+
+    import torch  # the harness itself does not need torch; callers that write datasets have it
+
+    base = pathlib.Path(base_dir)
+    shard = {"latents": latents, "conditioning": conditioning}
+    written = []
+    for root in ("output", "datasets"):
+        target = base / root / folder
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(shard, target / "shard_0000.pkl")
+        written.append(target)
+    (written[1] / "metadata.json").write_text(json.dumps({"loralab": "dataset written by the test harness"}))
+    return written[0]
 
 
 def prepare_base_dir(
@@ -211,7 +233,7 @@ class ComfyServer:
         self,
         base_dir: str | os.PathLike,
         *,
-        comfy_dir: str | os.PathLike = COMFY_DIR,
+        comfy_dir: str | os.PathLike | None = None,
         python: str | os.PathLike | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
@@ -222,8 +244,10 @@ class ComfyServer:
         database_url: str | None = "",
     ):
         self.base_dir = pathlib.Path(base_dir).resolve()
-        self.comfy_dir = pathlib.Path(comfy_dir).resolve()
-        self.python = str(python or sys.executable)
+        # LORALAB_COMFY_DIR / LORALAB_COMFY_PYTHON run everything against another ComfyUI (and its venv),
+        # e.g. the newest release for a compatibility check.
+        self.comfy_dir = pathlib.Path(comfy_dir or os.environ.get("LORALAB_COMFY_DIR") or COMFY_DIR).resolve()
+        self.python = str(python or os.environ.get("LORALAB_COMFY_PYTHON") or sys.executable)
         self.host = host
         self._fixed_port = port
         self.port: int | None = port

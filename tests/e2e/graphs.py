@@ -13,6 +13,7 @@ Node ids are short sequential strings, so two graphs built the same way have the
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from dataclasses import dataclass
@@ -280,8 +281,34 @@ def load_latent(result: RunResult, node: Node, output_dir: pathlib.Path) -> torc
     return load_file(str(latent_path(result, node, output_dir)))["latent_tensor"]
 
 
+def output_index(comfy_server, class_type: str, output_type: str) -> int:
+    """Index of a stock node's first output of `output_type`, from the server's /object_info: stock
+    nodes change their outputs between releases (ComfyUI 0.3.75's TrainLoraNode returns MODEL,
+    LORA_MODEL, LOSS_MAP, INT; newer ones drop the MODEL)."""
+    return list(comfy_server.object_info[class_type]["output"]).index(output_type)
+
+
 def progress_events(result: RunResult, node: Node) -> list[dict]:
     return [d for d in result.events_of("progress") if str(d.get("node")) == node.id]
+
+
+def assert_progress_bar(result: RunResult, node: Node, steps: int) -> None:
+    """ComfyUI's progress bar of a trainer went 1 .. steps, once per optimizer step. ComfyUI 0.3.75
+    sends every value; newer releases throttle the messages, so a missing intermediate value is
+    allowed, but a value out of order, past `steps` or a wrong maximum is not."""
+    values = [e["value"] for e in progress_events(result, node)]
+    assert values and values[-1] == steps, values
+    assert values == sorted(set(values)) and 1 <= values[0], values
+    assert all(e["max"] == steps for e in progress_events(result, node))
+
+
+def assert_loss_per_step(result: RunResult, node: Node, steps: int) -> None:
+    """The pack's own events carry one finite loss for every step 1 .. steps, each exactly once."""
+    covered = []
+    for e in loralab_progress(result, node):
+        covered += range(e["first_step"], e["first_step"] + len(e["losses"]))
+        assert all(math.isfinite(v) and v > 0 for v in e["losses"]), e["losses"]
+    assert covered == list(range(1, steps + 1)), covered
 
 
 def loralab_progress(result: RunResult, node: Node) -> list[dict]:

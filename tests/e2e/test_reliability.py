@@ -47,12 +47,12 @@ from tests.e2e.graphs import (
     MODEL_OUT,
     STEPS_OUT,
     Graph,
+    assert_progress_bar,
     cached_nodes,
     denoise_value,
     executed_nodes,
     lora_metadata,
     lora_tensors,
-    progress_events,
     run_logged,
     run_ok,
     saved_lora,
@@ -253,8 +253,7 @@ def test_batch_larger_than_dataset_trains(shapes, comfy_server):
     meta = lora_metadata(path)
     assert meta["loralab.steps"] == str(SHAPE_STEPS) and meta["loralab.dataset_size"] == "4"
     assert math.isfinite(float(meta["loralab.final_loss"]))
-    bars = progress_events(shapes["first"], shapes["trainers"]["batch64"])
-    assert [e["value"] for e in bars] == list(range(1, SHAPE_STEPS + 1))
+    assert_progress_bar(shapes["first"], shapes["trainers"]["batch64"], SHAPE_STEPS)
     # The LOSS_MAP holds one value per step (PlotLoss writes how many it got into its PNG).
     image = shapes["first"].outputs[shapes["plot"].id]["images"][0]
     with Image.open(comfy_server.output_dir / image["subfolder"] / image["filename"]) as im:
@@ -501,7 +500,9 @@ def test_load_lora_refuses_pickle_files_without_unpickling(comfy_server, bad_lor
     else:
         message = node_error(result, loaded)
     print(f"LoadLora {file}: {message}")
-    assert file in message and "pickle" in message, message
+    # Our refusal names the pickle risk; a ComfyUI whose loras list leaves such files out refuses the
+    # name first, as not in the list.
+    assert file in message and ("pickle" in message or "not in" in message), message
     assert not bad_loras["marker"].exists(), "a pickle file was unpickled"
 
 
@@ -568,10 +569,15 @@ def _fp32_training(prefix: str, steps: int):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    trainer = g.train(
+    # The checkpoint prefix (no checkpoint is written: save_every 0) makes each run's trainer inputs
+    # unique, so ComfyUI re-executes it instead of answering from its cache (newer ComfyUI keeps
+    # outputs of earlier prompts whose inputs match), without changing what is trained.
+    options = g.training_options(checkpoint_prefix=f"{prefix}/ckpt")
+    trainer = g.train_with_options(
         model,
         latents,
         positive,
+        options,
         steps=steps,
         learning_rate=3e-3,
         seed=444,

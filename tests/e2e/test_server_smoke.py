@@ -36,8 +36,9 @@ def test_server_is_up(comfy_server):
 
 def test_pack_imported_without_errors(comfy_server):
     # Start-up only: tests that run before this one provoke execution errors on purpose (their
-    # tracebacks run through the pack's files too), and each prompt's log starts with "got prompt".
-    log = comfy_server.log_text().split("\ngot prompt", 1)[0]
+    # tracebacks run through the pack's files too), and each prompt's log starts with "got prompt"
+    # (newer ComfyUI prefixes its log lines with a coloured level tag).
+    log = re.split(r"\n[^\n]*?got prompt", comfy_server.log_text(), maxsplit=1)[0]
     bad = []
     for line in log.splitlines():
         if PACK_NAME not in line:

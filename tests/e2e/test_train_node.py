@@ -24,18 +24,22 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from harness.client import TERMINAL_EVENTS
+from harness.server import write_stock_dataset
 from tests.e2e.graphs import (
     LORA_OUT,
     LOSS_OUT,
     MODEL_OUT,
     STEPS_OUT,
     Graph,
+    assert_loss_per_step,
+    assert_progress_bar,
     cached_nodes,
     denoise_value,
     executed_nodes,
     load_latent,
     lora_metadata,
     lora_tensors,
+    output_index,
     progress_events,
     run_logged,
     run_ok,
@@ -239,17 +243,10 @@ def test_input_model_is_not_mutated_by_training(comfy_server):
 def _write_shard(
     comfy_server, folder: str, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 ) -> str:
-    """A dataset for stock LoadTrainingDataset (0.3.75: output/<folder>/shard_*.pkl, read with
-    torch.load(weights_only=True)): a list of LATENT dicts and a list of CONDITIONINGs."""
-    target = comfy_server.output_dir / folder
-    target.mkdir(parents=True, exist_ok=True)
-    shard = {
-        "latents": [{"samples": lat[None].clone()} for lat, _, _ in items],
-        "conditioning": [
-            [[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items
-        ],
-    }
-    torch.save(shard, target / "shard_00000.pkl")
+    """A dataset for stock LoadTrainingDataset: a list of LATENT dicts and a list of CONDITIONINGs."""
+    latents = [{"samples": lat[None].clone()} for lat, _, _ in items]
+    conditioning = [[[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items]
+    write_stock_dataset(comfy_server.base_dir, folder, latents, conditioning)
     return folder
 
 
@@ -370,7 +367,8 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
     # it a list of four through stock RebatchLatents.
     as_list = g.add("RebatchLatents", latents=latents, batch_size=1)[0]
     builtin = g.stock_train(model, as_list, positive1, steps=4, learning_rate=TRAIN_LR, seed=10)
-    g.stock_save_lora(builtin[LORA_OUT], "loras/e2e_builtin", steps=builtin[STEPS_OUT])
+    lora_out, steps_out = (output_index(comfy_server, "TrainLoraNode", t) for t in ("LORA_MODEL", "INT"))
+    g.stock_save_lora(builtin[lora_out], "loras/e2e_builtin", steps=builtin[steps_out])
     run_ok(comfy, g.prompt)
     made = sorted((comfy_server.output_dir / "loras").glob("e2e_builtin_4_steps_*_.safetensors"))
     assert made, "stock SaveLoRA wrote no file"
@@ -505,7 +503,9 @@ def test_outputs_work_with_stock_nodes(comfy_server):
     out = comfy_server.output_dir
     a, b = load_latent(result, via_stock, out), load_latent(result, via_ours, out)
     torch.testing.assert_close(a, b, atol=SAMPLE_ATOL, rtol=SAMPLE_RTOL)
-    assert result.outputs[graph.id]["images"], result.outputs.get(graph.id)
+    assert graph.id in executed_nodes(result)
+    if graph.id in result.outputs:  # 0.3.75 saves the chart; newer releases only preview it
+        assert result.outputs[graph.id]["images"], result.outputs.get(graph.id)
 
 
 # ---------------------------------------------------------------------- 8: progress
@@ -523,9 +523,8 @@ def test_progress_advances_once_per_optimizer_step(comfy_server, grad_acc):
     g.save_lora(trainer[LORA_OUT], f"e2e/progress_{grad_acc}", steps=trainer[STEPS_OUT])
     result = run_ok(comfy_server.client, g.prompt)
 
-    bars = progress_events(result, trainer)
-    assert [e["value"] for e in bars] == list(range(1, steps + 1))
-    assert all(e["max"] == steps for e in bars)
+    assert_progress_bar(result, trainer, steps)
+    assert_loss_per_step(result, trainer, steps)
     ours = [e for e in result.events_of("loralab.progress") if str(e.get("node")) == trainer.id]
     assert ours, "no loralab.progress events"
     assert ours[-1]["step"] == ours[-1]["total"] == steps
