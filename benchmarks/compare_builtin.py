@@ -178,38 +178,23 @@ def forward_flops(arch: str, depth: int, size: int, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_tiny_models import UNET_ARCHS, _import_comfy
-
-    _import_comfy()
-    import comfy.model_management
-    import comfy.ops
+    from make_tiny_models import mmdit_meta, unet_meta
 
     channels, ctx, tokens, pooled = DATA_SHAPES[arch]
+    net = mmdit_meta(depth, ctx, pooled, 32) if arch == "sd3" else unet_meta(arch)
+    import comfy.model_management  # on the path now: make_tiny_models put ComfyUI there
+
     with torch.device("meta"):
-        if arch == "sd3":
-            from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-
-            hidden = 64 * depth
-            net = MMDiT(patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=pooled,
-                        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": ctx, "out_features": hidden}},
-                        pos_embed_max_size=32, num_patches=32 * 32, pos_embed_scaling_factor=None,
-                        operations=comfy.ops.disable_weight_init)  # fmt: skip
-        else:
-            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-            config = UNET_ARCHS[arch] if arch in UNET_ARCHS else dict(
-                in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], channel_mult=[1], num_heads=8,
-                num_head_channels=-1, transformer_depth=[1], context_dim=768, use_linear_in_transformer=False,
-                transformer_depth_middle=1, transformer_depth_output=[1, 1], adm_in_channels=None)  # fmt: skip
-            net = UNetModel(image_size=32, dropout=0, use_spatial_transformer=True,
-                            operations=comfy.ops.disable_weight_init, **config)  # fmt: skip
         x = torch.empty(batch, channels, size, size)
         kwargs = {"context": torch.empty(batch, tokens, ctx)}
         if pooled:
             kwargs["y"] = torch.empty(batch, 2816 if arch == "sdxl" else pooled)
         # ComfyUI's CPU attention asks how much memory is free, which meta tensors cannot answer.
         free = comfy.model_management.get_free_memory
-        comfy.model_management.get_free_memory = lambda *a, **k: (1 << 40, 1 << 40) if k.get("torch_free_too") or len(a) > 1 else 1 << 40
+        def plenty(dev=None, torch_free_too=False):
+            return (1 << 40, 1 << 40) if torch_free_too else 1 << 40
+
+        comfy.model_management.get_free_memory = plenty
         try:
             with FlopCounterMode(display=False) as counter:
                 net(x, torch.empty(batch), **kwargs)

@@ -31,7 +31,8 @@ def _comfy_path() -> pathlib.Path:
     return ROOT / ".comfyui" / "ComfyUI"
 
 
-def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int, seed: int) -> dict:
+def mmdit_meta(depth: int, context_dim: int, pooled_dim: int, pos_max: int):
+    """ComfyUI's own MMDiT (SD3 layout, hidden 64 * depth) on the meta device: names and shapes only."""
     import torch
 
     _import_comfy()
@@ -40,7 +41,7 @@ def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int
 
     hidden = 64 * depth
     with torch.device("meta"):
-        net = MMDiT(
+        return MMDiT(
             patch_size=2,
             in_channels=16,
             out_channels=16,
@@ -55,32 +56,22 @@ def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int
             pos_embed_scaling_factor=None,
             operations=comfy.ops.disable_weight_init,
         )
+
+
+def mmdit_state_dict(depth: int, context_dim: int, pooled_dim: int, pos_max: int, seed: int) -> dict:
+    net = mmdit_meta(depth, context_dim, pooled_dim, pos_max)
     return fill_state_dict(net.state_dict(), seed, ("attn.proj.weight", "mlp.fc2.weight"), depth)
 
 
-def sd15_mini_state_dict(seed: int) -> dict:
-    """A "mini" SD1.5 UNet (one level, one res block, one transformer block: 25.8 M params) that
-    ComfyUI's detection reads as SD15 (model_channels 320, context 768, conv proj_in)."""
-    import torch
-
-    _import_comfy()
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    with torch.device("meta"):
-        net = UNetModel(
-            image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], dropout=0,
-            channel_mult=[1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-            transformer_depth=[1], context_dim=768, use_linear_in_transformer=False, transformer_depth_middle=1,
-            transformer_depth_output=[1, 1], adm_in_channels=None, operations=comfy.ops.disable_weight_init,
-        )  # fmt: skip
-    residual = ("out_layers.3.weight", "proj_out.weight", "to_out.0.weight", "ff.net.2.weight")
-    return fill_state_dict(net.state_dict(), seed, residual, 3)
-
-
-# Full-size UNet architectures (ComfyUI's UNetModel arguments), for GPU benchmarks with random weights.
-# transformer_depth_output is consumed from its end (deepest output block first).
+# UNet architectures (ComfyUI's UNetModel arguments). transformer_depth_output is consumed from its end
+# (deepest output block first). "sd15mini": one level, one res block, one transformer block (25.8 M),
+# which ComfyUI's detection still reads as SD15 (model_channels 320, context 768, conv proj_in);
+# "sd15" / "sdxl": the full-size architectures, for GPU benchmarks with random weights.
 UNET_ARCHS = {
+    "sd15mini": dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], channel_mult=[1],
+                     num_heads=8, num_head_channels=-1, transformer_depth=[1], context_dim=768,
+                     use_linear_in_transformer=False, transformer_depth_middle=1, transformer_depth_output=[1, 1],
+                     adm_in_channels=None),
     "sd15": dict(in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
                  num_heads=8, num_head_channels=-1, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], context_dim=768,
                  use_linear_in_transformer=False, transformer_depth_middle=1,
@@ -90,10 +81,11 @@ UNET_ARCHS = {
                  use_linear_in_transformer=True, transformer_depth_middle=10,
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], adm_in_channels=2816, num_classes="sequential"),
 }  # fmt: skip
+UNET_RESIDUAL = ("out_layers.3.weight", "proj_out.weight", "to_out.0.weight", "ff.net.2.weight")
 
 
-def unet_meta_state_dict(arch: str) -> dict:
-    """Names and shapes (meta tensors) of a full-size SD1.5 or SDXL UNet, from ComfyUI's own class."""
+def unet_meta(arch: str):
+    """ComfyUI's own UNetModel for one of UNET_ARCHS on the meta device: names and shapes only."""
     import torch
 
     _import_comfy()
@@ -101,16 +93,24 @@ def unet_meta_state_dict(arch: str) -> dict:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     with torch.device("meta"):
-        net = UNetModel(image_size=32, dropout=0, use_spatial_transformer=True, operations=comfy.ops.disable_weight_init,
-                        **UNET_ARCHS[arch])  # fmt: skip
-    return net.state_dict()
+        return UNetModel(image_size=32, dropout=0, use_spatial_transformer=True, operations=comfy.ops.disable_weight_init,
+                         **UNET_ARCHS[arch])  # fmt: skip
+
+
+def sd15_mini_state_dict(seed: int) -> dict:
+    """The "sd15mini" UNet of UNET_ARCHS with values from `seed`."""
+    return fill_state_dict(unet_meta("sd15mini").state_dict(), seed, UNET_RESIDUAL, 3)
+
+
+def unet_meta_state_dict(arch: str) -> dict:
+    """Names and shapes (meta tensors) of a UNet of UNET_ARCHS."""
+    return unet_meta(arch).state_dict()
 
 
 def unet_state_dict(arch: str, seed: int, dtype=None) -> dict:
     """A full-size SD1.5 (860 M) or SDXL (2.6 B) UNet with random weights (values as fill_state_dict),
     stored in `dtype` (default float32)."""
-    residual = ("out_layers.3.weight", "proj_out.weight", "to_out.0.weight", "ff.net.2.weight")
-    sd = fill_state_dict(unet_meta_state_dict(arch), seed, residual, 12)
+    sd = fill_state_dict(unet_meta_state_dict(arch), seed, UNET_RESIDUAL, 12)
     return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
 
