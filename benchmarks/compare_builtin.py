@@ -33,26 +33,47 @@ sys.path.insert(0, str(ROOT))
 from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir, write_stock_dataset  # noqa: E402
 
 
-def prompt(node: str, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
+def with_defaults(inputs: dict, info: dict) -> dict:
+    """`inputs` plus the node's own defaults for required inputs it does not set (inputs a newer
+    ComfyUI added to a stock node)."""
+    for name, spec in info["input"].get("required", {}).items():
+        if name not in inputs:
+            inputs[name] = spec[1].get("default", spec[0][0] if isinstance(spec[0], list) else None)
+    return inputs
+
+
+def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
            evaluate: bool = True, batch: int = 1) -> dict:  # fmt: skip
+    """The training graph for `node` (`infos`: /object_info of it and of LoraModelLoader). Inputs a newer ComfyUI added to
+    its built-in node (offloading, bucket_mode, ...) get that node's own defaults; where the built-in
+    returns no MODEL (newer releases), stock LoraModelLoader applies its LORA_MODEL for evaluation."""
     train_inputs = {
         "model": ["1", 0], "latents": ["2", 0], "positive": ["2", 1],
         "batch_size": batch, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": lr, "rank": rank,
         "optimizer": "AdamW", "loss_function": "MSE", "seed": seed, "training_dtype": dtype, "lora_dtype": dtype,
         "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
     }  # fmt: skip
-    return {
+    outputs = list(infos[node]["output"])
+    graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
         # The built-in node crashes on a single LATENT batch (UnboundLocalError: multi_res), so both
         # nodes get the data as lists from stock LoadTrainingDataset (shards written below).
         "2": {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": SHARD_FOLDER}},
-        "3": {"class_type": node, "inputs": train_inputs},
-        # Evaluating needs the returned MODEL in memory as ComfyUI applies it for sampling; the warm-up
-        # run only plots its loss, so the memory of that application is not counted as training's.
-        "4": {"class_type": "LoraLab_DenoiseLoss",
-              "inputs": {"model": ["3", 0], "latents": ["2", 0], "positive": ["2", 1], "seed": 0, "levels": 8}}
-        if evaluate else {"class_type": "LoraLab_PlotLoss", "inputs": {"loss": ["3", 2], "filename_prefix": "bench/warmup"}},
-    }  # fmt: skip
+        "3": {"class_type": node, "inputs": with_defaults(train_inputs, infos[node])},
+    }
+    trained = ["3", outputs.index("MODEL")] if "MODEL" in outputs else ["5", 0]
+    if "MODEL" not in outputs:
+        lora = {"model": ["1", 0], "lora": ["3", outputs.index("LORA_MODEL")], "strength_model": 1.0}
+        graph["5"] = {"class_type": "LoraModelLoader", "inputs": with_defaults(lora, infos["LoraModelLoader"])}
+    # Evaluating needs the returned MODEL in memory as ComfyUI applies it for sampling; the warm-up
+    # run only plots its loss, so the memory of that application is not counted as training's.
+    graph["4"] = (
+        {"class_type": "LoraLab_DenoiseLoss",
+         "inputs": {"model": trained, "latents": ["2", 0], "positive": ["2", 1], "seed": 0, "levels": 8}}
+        if evaluate else
+        {"class_type": "LoraLab_PlotLoss", "inputs": {"loss": ["3", outputs.index("LOSS_MAP")], "filename_prefix": "bench/warmup"}}
+    )  # fmt: skip
+    return graph
 
 
 SHARD_FOLDER = "loralab_bench_dataset"
@@ -203,7 +224,7 @@ def forward_flops(arch: str, depth: int, size: int, batch: int) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(client, node: str, rss: RssSampler | None = None, **kw) -> dict:
+def run_one(client, node: str, infos: dict, rss: RssSampler | None = None, **kw) -> dict:
     times: list[tuple[float, int]] = []
 
     def on_event(kind: str, data: dict) -> None:
@@ -212,7 +233,7 @@ def run_one(client, node: str, rss: RssSampler | None = None, **kw) -> dict:
         if kind == "progress" and str(data.get("node")) == "3":
             times.append((time.perf_counter(), int(data["value"])))
 
-    res = client.run(prompt(node, **kw), timeout=1800, on_event=on_event)
+    res = client.run(prompt(node, infos, **kw), timeout=1800, on_event=on_event)
     if res.status != "success":
         raise SystemExit(f"{node} failed: {res.error_message}")
     (t0, v0), (t1, v1) = times[0], times[-1]
@@ -255,9 +276,10 @@ def main() -> None:
                     # keep freed memory, so a shared server would report the larger of the two).
                     with ComfyServer(base) as server, sampler(server.pid) as rss:
                         client = server.client()
+                        infos = {n: client.object_info(n)[n] for n in (node, "LoraModelLoader")}
                         kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model, batch=args.batch)
-                        run_one(client, node, rss, steps=4, seed=999, evaluate=False, **kw)  # warm-up: model load, first calls
-                        r = run_one(client, node, rss, steps=args.steps, seed=pair, **kw)
+                        run_one(client, node, infos, rss, steps=4, seed=999, evaluate=False, **kw)  # warm-up: model load, first calls
+                        r = run_one(client, node, infos, rss, steps=args.steps, seed=pair, **kw)
                     r["peak_rss_mib"] = rss.peak_kib / 1024
                     r["train_rss_mib"] = rss.phase_peak_kib.get("3", 0) / 1024
                     rows[name].append(r)
