@@ -31,15 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness.server import MODEL_NAME, ComfyServer, prepare_base_dir, write_stock_dataset  # noqa: E402
-
-
-def with_defaults(inputs: dict, info: dict) -> dict:
-    """`inputs` plus the node's own defaults for required inputs it does not set (inputs a newer
-    ComfyUI added to a stock node)."""
-    for name, spec in info["input"].get("required", {}).items():
-        if name not in inputs:
-            inputs[name] = spec[1].get("default", spec[0][0] if isinstance(spec[0], list) else None)
-    return inputs
+from harness.workflow import fill_required_defaults  # noqa: E402
 
 
 def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
@@ -59,12 +51,12 @@ def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int,
         # The built-in node crashes on a single LATENT batch (UnboundLocalError: multi_res), so both
         # nodes get the data as lists from stock LoadTrainingDataset (shards written below).
         "2": {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": SHARD_FOLDER}},
-        "3": {"class_type": node, "inputs": with_defaults(train_inputs, infos[node])},
+        "3": {"class_type": node, "inputs": train_inputs},
     }
     trained = ["3", outputs.index("MODEL")] if "MODEL" in outputs else ["5", 0]
     if "MODEL" not in outputs:
         lora = {"model": ["1", 0], "lora": ["3", outputs.index("LORA_MODEL")], "strength_model": 1.0}
-        graph["5"] = {"class_type": "LoraModelLoader", "inputs": with_defaults(lora, infos["LoraModelLoader"])}
+        graph["5"] = {"class_type": "LoraModelLoader", "inputs": lora}
     # Evaluating needs the returned MODEL in memory as ComfyUI applies it for sampling; the warm-up
     # run only plots its loss, so the memory of that application is not counted as training's.
     graph["4"] = (
@@ -73,7 +65,7 @@ def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int,
         if evaluate else
         {"class_type": "LoraLab_PlotLoss", "inputs": {"loss": ["3", outputs.index("LOSS_MAP")], "filename_prefix": "bench/warmup"}}
     )  # fmt: skip
-    return graph
+    return fill_required_defaults(graph, infos)
 
 
 SHARD_FOLDER = "loralab_bench_dataset"
@@ -84,8 +76,8 @@ DATA_SHAPES = {"sd3": (16, 64, 8, 64), "sd15mini": (4, 768, 77, 0), "sd15": (4, 
 
 
 def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
-    """An SD3/MMDiT of the given depth (hidden 64*depth) or the mini SD1.5 UNet, seeded like the
-    tiny default."""
+    """An SD3/MMDiT of the given depth (hidden 64*depth), the mini SD1.5 UNet or a full-size SD1.5 /
+    SDXL UNet (bf16), seeded like the tiny default."""
     if arch == "sd3" and depth == 2:
         return MODEL_NAME
     from safetensors.torch import save_file
@@ -97,6 +89,7 @@ def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
         import torch
 
         name, sd = f"loralab-bench-{arch}-random.safetensors", unet_state_dict(arch, 0, torch.bfloat16)
+    elif arch == "sd15mini":
         name, sd = "loralab-bench-sd15-mini.safetensors", sd15_mini_state_dict(0)
     else:
         name, sd = f"loralab-bench-sd3-d{depth}.safetensors", mmdit_state_dict(depth, 64, 64, 32, 0)

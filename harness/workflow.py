@@ -45,6 +45,7 @@ __all__ = [
     "WIDGET_TYPES",
     "WidgetSlot",
     "WorkflowMismatchWarning",
+    "fill_required_defaults",
     "ui_to_api",
     "widget_layout",
 ]
@@ -189,6 +190,23 @@ def _default_value(inp: _Input) -> Any:
         opts = inp.options.get("options")
         return opts[0] if opts else None
     return None
+
+
+def fill_required_defaults(api_prompt: dict, object_info: dict) -> dict:
+    """Give every required input that a node of an API prompt leaves out its definition's default (in
+    place; returns the prompt). Stock nodes gain required inputs between ComfyUI releases; a prompt
+    written for an older one then still validates, with the values a person gets by default.
+    Inputs without a default stay missing, and the server reports them."""
+    for node in api_prompt.values():
+        info = object_info.get(node.get("class_type"))
+        if not info:
+            continue
+        for inp in _class_inputs(info):
+            if not inp.optional and inp.name not in node["inputs"]:
+                default = _default_value(inp)
+                if default is not None:
+                    node["inputs"][inp.name] = default
+    return api_prompt
 
 
 # --------------------------------------------------------------------------------------------------

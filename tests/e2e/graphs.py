@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from harness.client import RunResult
 from harness.server import DATASET_NAME, MODEL_NAME
+from harness.workflow import fill_required_defaults
 
 NO_LORA = "[None]"
 
@@ -279,6 +280,12 @@ def latent_path(result: RunResult, node: Node, output_dir: pathlib.Path) -> path
 def load_latent(result: RunResult, node: Node, output_dir: pathlib.Path) -> torch.Tensor:
     """The tensor a SaveLatent node wrote (a safetensors file, key ``latent_tensor``)."""
     return load_file(str(latent_path(result, node, output_dir)))["latent_tensor"]
+
+
+def with_stock_defaults(comfy_server, prompt: dict) -> dict:
+    """`prompt` with the server's defaults for required inputs it leaves out: for graphs of stock
+    nodes that newer ComfyUI releases gave more inputs (built-in TrainLoraNode, LoraModelLoader)."""
+    return fill_required_defaults(prompt, comfy_server.object_info)
 
 
 def output_index(comfy_server, class_type: str, output_type: str) -> int:

@@ -44,6 +44,7 @@ from tests.e2e.graphs import (
     run_logged,
     run_ok,
     saved_lora,
+    with_stock_defaults,
 )
 from training.tinydata import make_latent_dataset
 
@@ -369,7 +370,7 @@ def test_existing_lora_from_builtin_trainer_continues(comfy_server):
     builtin = g.stock_train(model, as_list, positive1, steps=4, learning_rate=TRAIN_LR, seed=10)
     lora_out, steps_out = (output_index(comfy_server, "TrainLoraNode", t) for t in ("LORA_MODEL", "INT"))
     g.stock_save_lora(builtin[lora_out], "loras/e2e_builtin", steps=builtin[steps_out])
-    run_ok(comfy, g.prompt)
+    run_ok(comfy, with_stock_defaults(comfy_server, g.prompt))
     made = sorted((comfy_server.output_dir / "loras").glob("e2e_builtin_4_steps_*_.safetensors"))
     assert made, "stock SaveLoRA wrote no file"
     target = comfy_server.base_dir / "models" / "loras" / "e2e" / made[-1].name
@@ -488,7 +489,7 @@ def test_outputs_work_with_stock_nodes(comfy_server):
     _, via_stock = g.sample_and_save(stock_model, positive, "e2e/stock_loader")
     _, via_ours = g.sample_and_save(trainer[MODEL_OUT], positive, "e2e/stock_ours")
     graph = g.stock_loss_graph(trainer[LOSS_OUT], "e2e/stock_loss")
-    result, log = run_logged(comfy_server, g.prompt)
+    result, log = run_logged(comfy_server, with_stock_defaults(comfy_server, g.prompt))
     assert result.status == "success", result.error_message
 
     files = sorted(comfy_server.output_dir.glob("e2e/stock_save_8_steps_*_.safetensors"))

@@ -9,7 +9,13 @@ import warnings
 
 import pytest
 
-from harness.workflow import WidgetSlot, WorkflowMismatchWarning, ui_to_api, widget_layout
+from harness.workflow import (
+    WidgetSlot,
+    WorkflowMismatchWarning,
+    fill_required_defaults,
+    ui_to_api,
+    widget_layout,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json"
@@ -368,3 +374,28 @@ def test_example_workflow_converts_to_the_expected_prompt():
         "key_format": "comfyui"}
     assert by_type["LoraLab_PlotLoss"][1] == {"loss": [trainer_id, 2], "filename_prefix": "loralab/loss"}
     assert by_type["LoraLab_LoadLatentDataset"][1] == {"dataset": "loralab-tiny-dataset.safetensors"}
+
+
+def test_fill_required_defaults_adds_only_missing_required_inputs_with_a_default():
+    info = {
+        "Trainer": {
+            "input": {
+                "required": {
+                    "steps": ["INT", {"default": 16}],
+                    "bypass": ["BOOLEAN", {"default": False}],
+                    "mode": ["COMBO", {"options": ["fast", "slow"]}],
+                    "model": ["MODEL", {}],
+                },
+                "optional": {"extra": ["INT", {"default": 3}]},
+            },
+            "output": ["LORA_MODEL"],
+        }
+    }
+    prompt = {
+        "1": {"class_type": "Trainer", "inputs": {"steps": 40}},
+        "2": {"class_type": "Unknown", "inputs": {}},
+    }
+    assert fill_required_defaults(prompt, info) is prompt
+    # Set inputs keep their value; a MODEL link has no default and stays missing (the server names it).
+    assert prompt["1"]["inputs"] == {"steps": 40, "bypass": False, "mode": "fast"}
+    assert prompt["2"]["inputs"] == {}
