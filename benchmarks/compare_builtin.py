@@ -127,15 +127,20 @@ class RssSampler:
         self.phase, self.phase_peak_kib = "", {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    interval = 0.01
+
+    def read_kib(self) -> int | None:
+        """The process's resident memory now (KiB)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+
     def _run(self) -> None:
-        status = pathlib.Path(f"/proc/{self.pid}/status")
         while not self._stop.is_set():
-            for line in status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    kib = int(line.split()[1])
-                    self.peak_kib = max(self.peak_kib, kib)
-                    self.phase_peak_kib[self.phase] = max(self.phase_peak_kib.get(self.phase, 0), kib)
-            self._stop.wait(0.01)
+            kib = self.read_kib()
+            if kib is not None:
+                self.peak_kib = max(self.peak_kib, kib)
+                self.phase_peak_kib[self.phase] = max(self.phase_peak_kib.get(self.phase, 0), kib)
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -150,17 +155,16 @@ class GpuMemorySampler(RssSampler):
     """The same, for the process's GPU memory as nvidia-smi reports it (CUDA context included), every
     50 ms; fields keep the RSS names (KiB)."""
 
-    def _run(self) -> None:
+    interval = 0.05
+
+    def read_kib(self) -> int | None:
         query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-        while not self._stop.is_set():
-            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
-            for line in out.splitlines():
-                pid, _, mib = line.partition(",")
-                if pid.strip() == str(self.pid) and mib.strip().isdigit():
-                    kib = int(mib) * 1024
-                    self.peak_kib = max(self.peak_kib, kib)
-                    self.phase_peak_kib[self.phase] = max(self.phase_peak_kib.get(self.phase, 0), kib)
-            self._stop.wait(0.05)
+        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            pid, _, mib = line.partition(",")
+            if pid.strip() == str(self.pid) and mib.strip().isdigit():
+                return int(mib) * 1024
+        return None
 
 
 # Dense bf16 peak FLOP/s by GPU name (vendor data sheets, no sparsity).

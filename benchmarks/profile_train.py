@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib.util
+import os
 import pathlib
 import pstats
 import sys
 import tempfile
 import time
+
+from compare_builtin import RssSampler  # the same /proc sampler as the server benchmark (this folder)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMFY = ROOT / ".comfyui" / "ComfyUI"
@@ -35,31 +38,6 @@ def load_pack():
     import loralab_pack.nodes.train as train_mod
 
     return train_mod
-
-
-class _PeakRss:
-    """This process's resident memory, sampled every 5 ms from now until stop()."""
-
-    def __init__(self):
-        import threading
-
-        self.start_mib = self.peak_mib = self._now()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _now() -> float:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-    def _run(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak_mib = max(self.peak_mib, self._now())
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -112,7 +90,8 @@ def main() -> None:
     prof = cProfile.Profile() if args.cprofile else None
     activities = [torch.profiler.ProfilerActivity.CPU]
     tprof = torch.profiler.profile(activities=activities, record_shapes=args.shapes) if args.torch_profile else None
-    rss = _PeakRss()
+    rss = RssSampler(os.getpid()).__enter__()
+    start_kib = rss.read_kib()
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -124,9 +103,9 @@ def main() -> None:
     if prof:
         prof.disable()
     dt = time.perf_counter() - t0
-    rss.stop()
+    rss.__exit__(None, None, None)
     print(f"{args.steps} steps in {dt:.2f} s: {args.steps / dt:.2f} steps/s (incl. set-up); "
-          f"RSS {rss.start_mib:.0f} MiB before, peak {rss.peak_mib:.0f} MiB (+{rss.peak_mib - rss.start_mib:.0f})")
+          f"RSS {start_kib / 1024:.0f} MiB before, peak {rss.peak_kib / 1024:.0f} MiB (+{(rss.peak_kib - start_kib) / 1024:.0f})")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
     if tprof:
