@@ -16,6 +16,7 @@ import importlib.util
 import os
 import pathlib
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ def main() -> None:
     tprof = torch.profiler.profile(activities=activities, record_shapes=args.shapes) if args.torch_profile else None
     rss = RssSampler(os.getpid()).__enter__()
     start_kib = rss.read_kib()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -103,9 +105,11 @@ def main() -> None:
     if prof:
         prof.disable()
     dt = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     rss.__exit__(None, None, None)
     print(f"{args.steps} steps in {dt:.2f} s: {args.steps / dt:.2f} steps/s (incl. set-up); "
-          f"RSS {start_kib / 1024:.0f} MiB before, peak {rss.peak_kib / 1024:.0f} MiB (+{(rss.peak_kib - start_kib) / 1024:.0f})")
+          f"RSS {start_kib / 1024:.0f} MiB before, peak {rss.peak_kib / 1024:.0f} MiB (+{(rss.peak_kib - start_kib) / 1024:.0f}); "
+          f"{faults / args.steps:.0f} minor page faults per step")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
     if tprof:

@@ -20,6 +20,7 @@ from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, tar
 from ..training.checkpoint import load_training_state, save_training_state, state_path_for
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
+from ..training.cpu_heap import retained_heap
 from ..training.loop import ResumeState, StepInfo, derive_seed, run_training
 from ..training.lorafile import (
     LoraStateDict,
@@ -170,7 +171,12 @@ def train(
 
         bar = _Progress(config.steps, node_id)
         try:
-            with frozen(diffusion), adapters.attached(diffusion), gradient_checkpointing(diffusion, config.gradient_checkpointing):
+            with (
+                frozen(diffusion),
+                adapters.attached(diffusion),
+                gradient_checkpointing(diffusion, config.gradient_checkpointing),
+                retained_heap(device.type == "cpu"),
+            ):
                 result = run_training(
                     params=adapters.trainable_parameters(),
                     samples=samples,
