@@ -1,5 +1,6 @@
 """A few seeded steps on a toy conv denoiser: the loop lowers the loss, leaves the base untouched,
-is bit-reproducible, stops on divergence naming learning_rate, and checkpointing saves memory."""
+is bit-reproducible, stops on divergence naming learning_rate, and checkpointing saves memory
+without changing gradients."""
 
 from __future__ import annotations
 
@@ -173,10 +174,68 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             with torch.no_grad():
                 p.add_(0.01)
         with frozen(net), adapters.attached(net), gradient_checkpointing(net, on):
-            net(torch.ones(1, 4, 8, 8)).sum().backward()
-        grads.append([p.grad.clone() for p in adapters.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+            for _ in range(2):  # the first pass checkpoints every block, later ones all but the last
+                net(torch.ones(1, 4, 8, 8)).sum().backward()
+                grads.append([p.grad.clone() for p in adapters.parameters()])
+    for a, b in zip(grads[:2], grads[2:], strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            torch.testing.assert_close(ga, gb)
+
+
+class Reversed(Toy):
+    """Runs its blocks in the reverse of their registration order: blocks[0] runs last."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in reversed(self.blocks):
+            h = b(h)
+        return self.out(h)
+
+
+class Twice(Toy):
+    """Calls blocks[1] twice per forward pass."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in (self.blocks[0], self.blocks[1], self.blocks[1], self.blocks[2]):
+            h = b(h)
+        return self.out(h)
+
+
+_REAL_CHECKPOINT = torch.utils.checkpoint.checkpoint
+
+
+def _checkpointed_per_pass(net: Toy, monkeypatch, passes: int = 3) -> list[list[int]]:
+    """Indices into net.blocks of the blocks that ran under torch.utils.checkpoint, per pass."""
+    calls: list[int] = []
+
+    def recording(fn, *args, **kwargs):
+        calls.append(next(i for i, b in enumerate(net.blocks) if b is fn.__self__))
+        return _REAL_CHECKPOINT(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", recording)
+    adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+    per_pass = []
+    with frozen(net), adapters.attached(net), gradient_checkpointing(net):
+        for _ in range(passes):
+            calls.clear()
+            net(torch.randn(1, 4, 8, 8)).sum().backward()
+            per_pass.append(sorted(calls))
+        with torch.no_grad():
+            calls.clear()
+            net(torch.randn(1, 4, 8, 8))
+            assert calls == []  # no grad, nothing to checkpoint
+    return per_pass
+
+
+def test_the_block_that_runs_last_is_not_recomputed(monkeypatch):
+    assert _checkpointed_per_pass(Toy(), monkeypatch) == [[0, 1, 2], [0, 1], [0, 1]]
+    # learnt from the order blocks run in, not from the order they are registered in
+    assert _checkpointed_per_pass(Reversed(), monkeypatch) == [[0, 1, 2], [1, 2], [1, 2]]
+
+
+def test_a_block_called_twice_per_pass_leaves_every_block_checkpointed(monkeypatch):
+    assert _checkpointed_per_pass(Twice(), monkeypatch) == [[0, 1, 1, 2]] * 3
 
 
 class IteratedSeq(nn.Module):
