@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import comfy.model_management
 import comfy.sd
@@ -127,48 +128,10 @@ def train(
         carried = start.load_into(adapters, targets, config, device)
         if carried:  # what we do not train still shapes what the adapter learns
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
-        cm.set_compute_dtype(patcher, cm.compute_dtype(config.training_dtype, device))
-        replaced = cm.use_fast_attention(patcher)
-        if replaced:
-            log.info("LoRA Lab: training attention runs on PyTorch SDPA instead of ComfyUI's %s", replaced)
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        cm.materialize_inference_tensors(patcher.model)
+        _prepare_clone(patcher, config, device)
         samples = cm.build_samples(patcher, latents, positive, device)
-        family = type(patcher.model.model_config).__name__
-
-        def finished_lora(step: int, loss: float) -> LoraStateDict:
-            sd = LoraStateDict(adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]))
-            sd.update(carried)
-            sd.metadata = build_metadata(
-                steps=step, algorithm=config.algorithm, rank=config.rank,
-                alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
-                optimizer=config.optimizer, learning_rate=config.learning_rate, loss=loss,
-                training_dtype=config.training_dtype, lora_dtype=config.lora_dtype, model_family=family,
-                dataset_size=len(samples), pack_version=__version__,
-            )  # fmt: skip
-            return sd
-
-        def save_checkpoint(step: int, total: int, optimizer: torch.optim.Optimizer, loss: float) -> None:
-            folder, stem = prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")
-            path = next_free_path(folder, stem, step)
-            lora = finished_lora(step, loss)
-            target = path
-            try:
-                written = save_lora_file(lora, path, metadata=lora.metadata)
-                target = state_path_for(path)
-                try:
-                    save_training_state(target, adapters.state_dict_for_file(dtype=torch.float32),
-                                        optimizer.state_dict(), step, total, config.as_dict())  # fmt: skip
-                except BaseException:
-                    written.unlink(missing_ok=True)  # no checkpoint without its training state
-                    raise
-            except OSError as e:
-                message = (f"checkpoint_prefix {checkpoint_prefix!r}: could not save the step {step} checkpoint {target}: "
-                           f"{os.strerror(e.errno) if e.errno else e}; check that the folder is writable and has "
-                           "free space, or choose another checkpoint_prefix")  # fmt: skip
-                raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
-            log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
-
+        writer = _Writer(adapters, carried, config, type(patcher.model.model_config).__name__, len(samples),
+                         loras_folder, checkpoint_prefix)  # fmt: skip
         bar = _Progress(config.steps, node_id)
         try:
             with (
@@ -186,13 +149,69 @@ def train(
                     device=device,
                     resume=ResumeState(start.step, start.step + config.steps, start.optimizer_state),
                     on_step=bar.update,
-                    on_checkpoint=save_checkpoint,
+                    on_checkpoint=writer.save_checkpoint,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
         finally:
             bar.close()
     total = start.step + config.steps
-    return finished_lora(total, result.losses[-1]), result.losses, total
+    return writer.lora(total, result.losses[-1]), result.losses, total
+
+
+def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:
+    """The training clone's compute dtype and attention, loaded on the device with autograd-ready weights."""
+    cm.set_compute_dtype(patcher, cm.compute_dtype(config.training_dtype, device))
+    replaced = cm.use_fast_attention(patcher)
+    if replaced:
+        log.info("LoRA Lab: training attention runs on PyTorch SDPA instead of ComfyUI's %s", replaced)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    cm.materialize_inference_tensors(patcher.model)
+
+
+class _Writer:
+    """The run's LoRA as a LORA_MODEL (adapters + carried keys + metadata), and its checkpoints:
+    a LoRA file plus its training-state sidecar, never one without the other."""
+
+    def __init__(self, adapters: AdapterSet, carried: dict, config: TrainConfig, family: str, dataset_size: int,
+                 loras_folder: Path, checkpoint_prefix: str):  # fmt: skip
+        self.adapters, self.carried, self.config = adapters, carried, config
+        self.family, self.dataset_size = family, dataset_size
+        self.loras_folder, self.checkpoint_prefix = loras_folder, checkpoint_prefix
+
+    def lora(self, step: int, loss: float) -> LoraStateDict:
+        config = self.config
+        sd = LoraStateDict(self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]))
+        sd.update(self.carried)
+        sd.metadata = build_metadata(
+            steps=step, algorithm=config.algorithm, rank=config.rank,
+            alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
+            optimizer=config.optimizer, learning_rate=config.learning_rate, loss=loss,
+            training_dtype=config.training_dtype, lora_dtype=config.lora_dtype, model_family=self.family,
+            dataset_size=self.dataset_size, pack_version=__version__,
+        )  # fmt: skip
+        return sd
+
+    def save_checkpoint(self, step: int, total: int, optimizer: torch.optim.Optimizer, loss: float) -> None:
+        prefix = self.checkpoint_prefix
+        folder, stem = prefix_location(self.loras_folder, prefix, "checkpoint_prefix")
+        path = next_free_path(folder, stem, step)
+        lora = self.lora(step, loss)
+        target = path
+        try:
+            written = save_lora_file(lora, path, metadata=lora.metadata)
+            target = state_path_for(path)
+            try:
+                save_training_state(target, self.adapters.state_dict_for_file(dtype=torch.float32),
+                                    optimizer.state_dict(), step, total, self.config.as_dict())  # fmt: skip
+            except BaseException:
+                written.unlink(missing_ok=True)  # no checkpoint without its training state
+                raise
+        except OSError as e:
+            message = (f"checkpoint_prefix {prefix!r}: could not save the step {step} checkpoint {target}: "
+                       f"{os.strerror(e.errno) if e.errno else e}; check that the folder is writable and has "
+                       "free space, or choose another checkpoint_prefix")  # fmt: skip
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+        log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
 
 
 class _Start:
