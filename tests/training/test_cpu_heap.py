@@ -1,8 +1,6 @@
 """retained_heap: freed training buffers stay in the heap inside the block, and go back to the
 kernel on exit. Checked through the RSS of this process (glibc Linux only)."""
 
-import ctypes
-
 import pytest
 import torch
 
@@ -28,8 +26,8 @@ def _rss_mib() -> float:
 
 def _small_thresholds() -> None:
     """glibc's start-up state: every block over 128 KiB is mmapped, heap tops over 128 KiB trimmed."""
-    assert LIBC.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(128 << 10))
-    assert LIBC.mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(128 << 10))
+    assert LIBC.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+    assert LIBC.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
 
 
 def test_disabled_is_a_no_op():
