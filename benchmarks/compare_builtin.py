@@ -153,18 +153,38 @@ class RssSampler:
 
 class GpuMemorySampler(RssSampler):
     """The same, for the process's GPU memory as nvidia-smi reports it (CUDA context included), every
-    50 ms; fields keep the RSS names (KiB)."""
+    50 ms; fields keep the RSS names (KiB). Inside a container nvidia-smi often lists processes by
+    the host's PIDs (or not at all); then the memory used on the whole GPU is taken instead, which
+    is the server's as long as nothing else runs on the card during the benchmark (said once)."""
 
     interval = 0.05
 
+    def __init__(self, pid: int):
+        super().__init__(pid)
+        self.whole_gpu = False
+
     def read_kib(self) -> int | None:
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
+        apps = _nvidia_smi("--query-compute-apps=pid,used_memory")
+        for line in apps.splitlines():
             pid, _, mib = line.partition(",")
             if pid.strip() == str(self.pid) and mib.strip().isdigit():
                 return int(mib) * 1024
-        return None
+        used = _nvidia_smi("--query-gpu=memory.used").splitlines()
+        if not used or not used[0].strip().isdigit():
+            return None
+        if not self.whole_gpu:
+            self.whole_gpu = True
+            print(f"nvidia-smi does not list pid {self.pid}: GPU memory is the whole card's (keep it free of other work)")
+        return int(used[0]) * 1024
+
+
+def _nvidia_smi(query: str) -> str:
+    """nvidia-smi's CSV answer without header or units ("" when it cannot run)."""
+    try:
+        return subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, check=False, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 # Dense bf16 peak FLOP/s by GPU name (vendor data sheets, no sparsity).
@@ -173,11 +193,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 31
 
 
 def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, check=True, timeout=30).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = _nvidia_smi("--query-gpu=name")
     return out.splitlines()[0].strip() if out.strip() else None
 
 
