@@ -13,8 +13,9 @@ are throttled, the losses of all steps since the previous message::
         "lr": 0.0005,
         "steps_per_s": 41.2,      # average since the first step
         "elapsed": 0.41,          # seconds since the first step started
-        "first_step": 13,         # the step of losses[0]
+        "first_step": 13,         # the step of losses[0] and lrs[0]
         "losses": [0.2, 0.1, 0.15, 0.12, 0.123],   # steps first_step .. step
+        "lrs": [0.0005, 0.0005, 0.0005, 0.0005, 0.0005],   # their learning rates
     }
 
 A loss that is not finite is sent as ``null`` (JSON has no NaN / Infinity).
@@ -39,6 +40,7 @@ class _Pending:
     last_sent: float = 0.0
     first_step: int | None = None
     losses: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
 
 
 _pending: dict = {}  # node id -> _Pending (touched only by the executing thread)
@@ -67,6 +69,7 @@ def send_progress(node_id, info) -> None:
     if state.first_step is None:
         state.first_step = info.step
     state.losses.append(_finite_or_none(info.loss))
+    state.lrs.append(info.lr)
     state.last_step = info.step
 
     now = time.monotonic()
@@ -74,8 +77,8 @@ def send_progress(node_id, info) -> None:
     if not last and now - state.last_sent < _MIN_INTERVAL_S:
         return
     state.last_sent = now
-    first_step, losses = state.first_step, state.losses
-    state.first_step, state.losses = None, []
+    first_step, losses, lrs = state.first_step, state.losses, state.lrs
+    state.first_step, state.losses, state.lrs = None, [], []
     if last:
         _pending.pop(node_id, None)
     server.send_sync(
@@ -91,6 +94,7 @@ def send_progress(node_id, info) -> None:
             "elapsed": info.elapsed,
             "first_step": first_step,
             "losses": losses,
+            "lrs": lrs,
         },
         server.client_id,
     )

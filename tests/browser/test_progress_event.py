@@ -1,7 +1,7 @@
 """The server half of the live view: ``nodes/events.py`` builds the ``loralab.progress`` payload.
 
 No ComfyUI and no browser: a stand-in ``server.PromptServer`` records what would go to the websocket.
-Messages are throttled (~10/s), yet together they carry every step's loss exactly once.
+Messages are throttled (~10/s), yet together they carry every step's loss and learning rate exactly once.
 """
 
 from __future__ import annotations
@@ -66,16 +66,18 @@ def events(monkeypatch):
     return module
 
 
-def run(events, node, losses, *, dt, first=1, total=None):
+def run(events, node, losses, *, dt, first=1, total=None, lrs=None):
     total = total if total is not None else first + len(losses) - 1
     for i, loss in enumerate(losses):
         events.clock["t"] += dt
-        events.send_progress(node, Info(step=first + i, total=total, loss=loss))
+        lr = lrs[i] if lrs is not None else 1e-3
+        events.send_progress(node, Info(step=first + i, total=total, loss=loss, lr=lr))
 
 
-def test_throttled_messages_carry_every_loss_once(events):
+def test_throttled_messages_carry_every_loss_and_lr_once(events):
     losses = [1.0 / (i + 1) for i in range(40)]
-    run(events, "3", losses, dt=0.03)  # ~33 steps/s: about one message in four steps
+    lrs = [1e-3 * (i + 1) / 40 for i in range(40)]  # a warm-up: every step's lr differs
+    run(events, "3", losses, dt=0.03, lrs=lrs)  # ~33 steps/s: about one message in four steps
     sent = [d for e, d, _ in events.fake_server.sent]
     assert all(e == events.PROGRESS_EVENT for e, _, _ in events.fake_server.sent)
     assert all(sid == "client-1" for _, _, sid in events.fake_server.sent)
@@ -84,10 +86,12 @@ def test_throttled_messages_carry_every_loss_once(events):
     steps = [d["first_step"] + i for d in sent for i in range(len(d["losses"]))]
     assert steps == list(range(1, 41))
     assert [v for d in sent for v in d["losses"]] == losses
+    assert [v for d in sent for v in d["lrs"]] == lrs
     for d in sent:
         assert set(OLD_KEYS) <= set(d), d
-        assert d["first_step"] + len(d["losses"]) - 1 == d["step"]
-        assert d["loss"] == d["losses"][-1] and d["prompt_id"] == "p1" and d["node"] == "3"
+        assert d["first_step"] + len(d["losses"]) - 1 == d["step"] and len(d["lrs"]) == len(d["losses"])
+        assert d["loss"] == d["losses"][-1] and d["lr"] == d["lrs"][-1]
+        assert d["prompt_id"] == "p1" and d["node"] == "3"
     assert "3" not in events._pending  # a finished run leaves nothing behind
 
 

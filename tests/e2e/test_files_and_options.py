@@ -157,23 +157,18 @@ def expected_lr(step: int, total: int, base: float, schedule: str, warmup: int =
 def check_lr_events(
     events: list[dict], total: int, base: float, schedule: str, warmup: int = 0, offset: int = 0
 ) -> list[int]:
-    """Every ``loralab.progress`` event's lr is the schedule's value for its step (``offset`` earlier
-    steps of a resumed run), and the run's first and last steps are reported. Events are throttled to
-    ~10 a second (nodes/events.py) and carry the lr of their own step only, so steps that follow the
-    previous event within 0.1 s have no lr to check. Returns the steps seen."""
+    """Every step's lr, as the ``loralab.progress`` events carry them (``lrs``: the steps since the
+    previous, throttled, message), is the schedule's value for that step (``offset`` earlier steps of
+    a resumed run), and every step of the run is reported once. Returns the steps whose lr was checked."""
     assert events, "no loralab.progress events"
-    steps = [e["step"] for e in events]
-    assert steps == sorted(set(steps)), steps
-    assert steps[0] == 1, steps
-    assert steps[-1] == events[-1]["total"] == total - offset, events[-1]
-    for e in events:
-        want = expected_lr(e["step"] + offset, total, base, schedule, warmup)
-        assert e["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), (
-            schedule,
-            e["step"] + offset,
-            e["lr"],
-            want,
-        )
+    steps = [e["first_step"] + i for e in events for i in range(len(e["lrs"]))]
+    assert steps == list(range(1, total - offset + 1)), steps
+    assert events[-1]["step"] == events[-1]["total"] == total - offset, events[-1]
+    lrs = [lr for e in events for lr in e["lrs"]]
+    assert all(e["lr"] == e["lrs"][-1] for e in events)
+    for step, lr in zip(steps, lrs, strict=True):
+        want = expected_lr(step + offset, total, base, schedule, warmup)
+        assert lr == pytest.approx(want, rel=1e-9, abs=1e-15), (schedule, step + offset, lr, want)
     return steps
 
 
@@ -551,14 +546,14 @@ def test_alpha_option_is_stored(options_run):
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_lr_schedule_in_progress_events(options_run, schedule):
     events = loralab_progress(options_run["result"], options_run["trainers"][schedule])
-    steps = check_lr_events(events, SCHEDULE_STEPS, SCHEDULE_LR, schedule)
-    print(f"{schedule}: lr events at steps {steps}: {[e['lr'] for e in events]}")
-    final = events[-1]["lr"]
-    assert final == (0.0 if schedule == "linear" else SCHEDULE_LR), final
+    check_lr_events(events, SCHEDULE_STEPS, SCHEDULE_LR, schedule)
+    lrs = [lr for e in events for lr in e["lrs"]]
+    print(f"{schedule}: lr per step: {lrs}")
+    assert lrs[-1] == (0.0 if schedule == "linear" else SCHEDULE_LR), lrs
     if schedule == "constant":
-        assert {e["lr"] for e in events} == {SCHEDULE_LR}
+        assert set(lrs) == {SCHEDULE_LR}
     else:
-        assert len(steps) >= 2 and events[0]["lr"] > 0  # at least one step before the last: it decays
+        assert lrs[0] > 0 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False)), lrs  # decays every step
 
 
 # ---------------------------------------------------------------------- 6-7: checkpoints and exact resume
@@ -662,12 +657,10 @@ def test_save_every_writes_checkpoints_with_state(resumed):
 
 def test_cosine_warmup_lr_in_progress_events(resumed):
     events = loralab_progress(resumed["first"], resumed["full"])
-    steps = check_lr_events(events, 2 * N, RESUME_LR, "cosine", RESUME_WARMUP)
-    print(f"cosine: lr events at steps {steps}: {[round(e['lr'], 8) for e in events]}")
-    assert len(steps) >= 3, steps  # at least one step between the first and the last is compared
-    assert events[-1]["lr"] == 0.0
-    peak = [e for e in events if e["step"] == RESUME_WARMUP]
-    assert not peak or peak[0]["lr"] == RESUME_LR
+    check_lr_events(events, 2 * N, RESUME_LR, "cosine", RESUME_WARMUP)
+    lrs = [lr for e in events for lr in e["lrs"]]
+    print(f"cosine: lr per step: {[round(lr, 8) for lr in lrs]}")
+    assert lrs[-1] == 0.0 and lrs[RESUME_WARMUP - 1] == RESUME_LR, lrs  # ends at 0, peaks after warm-up
     # The resumed run reports its own steps 1..N with the learning rates of steps N+1..2N.
     cont = loralab_progress(resumed["second"], resumed["cont"])
     check_lr_events(cont, 2 * N, RESUME_LR, "cosine", RESUME_WARMUP, offset=N)
