@@ -155,7 +155,8 @@ class GpuMemorySampler(RssSampler):
     """The same, for the process's GPU memory as nvidia-smi reports it (CUDA context included), every
     50 ms; fields keep the RSS names (KiB). Inside a container nvidia-smi often lists processes by
     the host's PIDs (or not at all); then the memory used on the whole GPU is taken instead, which
-    is the server's as long as nothing else runs on the card during the benchmark (said once)."""
+    is the server's as long as nothing else runs on the card during the benchmark (said once; from then
+on only the card is asked, one nvidia-smi call per sample)."""
 
     interval = 0.05
 
@@ -164,7 +165,7 @@ class GpuMemorySampler(RssSampler):
         self.whole_gpu = False
 
     def read_kib(self) -> int | None:
-        apps = _nvidia_smi("--query-compute-apps=pid,used_memory")
+        apps = "" if self.whole_gpu else _nvidia_smi("--query-compute-apps=pid,used_memory")
         for line in apps.splitlines():
             pid, _, mib = line.partition(",")
             if pid.strip() == str(self.pid) and mib.strip().isdigit():

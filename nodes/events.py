@@ -2,7 +2,7 @@
 
 ``loralab.progress`` is sent at most ~10 times a second per node, and always for the last step. Each
 message carries the state after its step and, so that a client can draw every step although messages
-are throttled, the losses of all steps since the previous message::
+are throttled, the losses and learning rates of all steps since the previous message::
 
     {
         "node": "3",              # the train node's id (its execution id)

@@ -47,7 +47,8 @@ def test_falls_back_to_the_whole_card_when_the_pid_is_not_listed(smi_dir, capsys
     fake_nvidia_smi(smi_dir, apps="", used="30000\\n")
     sampler = compare_builtin.GpuMemorySampler(4242)
     assert sampler.read_kib() == 30000 * 1024
-    assert sampler.read_kib() == 30000 * 1024
+    fake_nvidia_smi(smi_dir, apps="4242, 20480\\n", used="31000\\n")  # from then on the card is what is read
+    assert sampler.read_kib() == 31000 * 1024
     assert sampler.whole_gpu is True
     assert capsys.readouterr().out.count("whole card") == 1
 
