@@ -156,10 +156,10 @@ def expected_lr(step: int, total: int, base: float, schedule: str, warmup: int =
 
 def check_lr_events(
     events: list[dict], total: int, base: float, schedule: str, warmup: int = 0, offset: int = 0
-) -> list[int]:
+) -> list[float]:
     """Every step's lr, as the ``loralab.progress`` events carry them (``lrs``: the steps since the
     previous, throttled, message), is the schedule's value for that step (``offset`` earlier steps of
-    a resumed run), and every step of the run is reported once. Returns the steps whose lr was checked."""
+    a resumed run), and every step of the run is reported once. Returns the lr of each step."""
     assert events, "no loralab.progress events"
     steps = [e["first_step"] + i for e in events for i in range(len(e["lrs"]))]
     assert steps == list(range(1, total - offset + 1)), steps
@@ -169,7 +169,7 @@ def check_lr_events(
     for step, lr in zip(steps, lrs, strict=True):
         want = expected_lr(step + offset, total, base, schedule, warmup)
         assert lr == pytest.approx(want, rel=1e-9, abs=1e-15), (schedule, step + offset, lr, want)
-    return steps
+    return lrs
 
 
 # ---------------------------------------------------------------------- 1-3: save, load, apply (per algorithm)
@@ -546,8 +546,7 @@ def test_alpha_option_is_stored(options_run):
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_lr_schedule_in_progress_events(options_run, schedule):
     events = loralab_progress(options_run["result"], options_run["trainers"][schedule])
-    check_lr_events(events, SCHEDULE_STEPS, SCHEDULE_LR, schedule)
-    lrs = [lr for e in events for lr in e["lrs"]]
+    lrs = check_lr_events(events, SCHEDULE_STEPS, SCHEDULE_LR, schedule)
     print(f"{schedule}: lr per step: {lrs}")
     assert lrs[-1] == (0.0 if schedule == "linear" else SCHEDULE_LR), lrs
     if schedule == "constant":
@@ -657,8 +656,7 @@ def test_save_every_writes_checkpoints_with_state(resumed):
 
 def test_cosine_warmup_lr_in_progress_events(resumed):
     events = loralab_progress(resumed["first"], resumed["full"])
-    check_lr_events(events, 2 * N, RESUME_LR, "cosine", RESUME_WARMUP)
-    lrs = [lr for e in events for lr in e["lrs"]]
+    lrs = check_lr_events(events, 2 * N, RESUME_LR, "cosine", RESUME_WARMUP)
     print(f"cosine: lr per step: {[round(lr, 8) for lr in lrs]}")
     assert lrs[-1] == 0.0 and lrs[RESUME_WARMUP - 1] == RESUME_LR, lrs  # ends at 0, peaks after warm-up
     # The resumed run reports its own steps 1..N with the learning rates of steps N+1..2N.
