@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
 from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_patterns
+from ..training.autograd_safe import autograd_safe
 from ..training.checkpoint import load_training_state, save_training_state, state_path_for
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
@@ -138,6 +139,7 @@ def train(
                 frozen(diffusion),
                 adapters.attached(diffusion),
                 gradient_checkpointing(diffusion, config.gradient_checkpointing),
+                autograd_safe(),
                 retained_heap(device.type == "cpu"),
             ):
                 result = run_training(

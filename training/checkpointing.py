@@ -20,6 +20,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .autograd_safe import autograd_safe
+
 
 def repeated_blocks(root: nn.Module) -> list[nn.Module]:
     """Elements of the outermost ModuleLists under root (not descending into found blocks).
@@ -98,4 +100,12 @@ def _checkpointed(block: nn.Module, forward, last: _LastBlock, *args, **kwargs):
     last.called(block)
     if last.block is block:
         return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_autograd_safe_call, forward, *args, use_reentrant=False, **kwargs)
+
+
+def _autograd_safe_call(forward, *args, **kwargs):
+    """The block's forward with augmented assignments out-of-place (see training/autograd_safe.py):
+    recomputation in backward runs outside the training loop's own mode (and on CUDA in another
+    thread), and a block that updated its input in place would recompute from the updated values."""
+    with autograd_safe():
+        return forward(*args, **kwargs)
