@@ -19,7 +19,7 @@ from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
 from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_patterns
 from ..training.autograd_safe import autograd_safe
-from ..training.checkpoint import load_training_state, save_training_state, state_path_for
+from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
 from ..training.cpu_heap import retained_heap
@@ -28,10 +28,8 @@ from ..training.lorafile import (
     LoraStateDict,
     build_metadata,
     earlier_steps,
-    next_free_path,
     prefix_location,
     read_lora_file,
-    save_lora_file,
 )
 from . import comfy_model as cm
 from .events import send_progress
@@ -179,6 +177,7 @@ class _Writer:
         self.adapters, self.carried, self.config = adapters, carried, config
         self.family, self.dataset_size = family, dataset_size
         self.loras_folder, self.checkpoint_prefix = loras_folder, checkpoint_prefix
+        self.series = CheckpointSeries(config.keep_checkpoints)  # this run's checkpoints only
 
     def lora(self, step: int, loss: float) -> LoraStateDict:
         config = self.config
@@ -196,24 +195,13 @@ class _Writer:
     def save_checkpoint(self, step: int, total: int, optimizer: torch.optim.Optimizer, loss: float) -> None:
         prefix = self.checkpoint_prefix
         folder, stem = prefix_location(self.loras_folder, prefix, "checkpoint_prefix")
-        path = next_free_path(folder, stem, step)
         lora = self.lora(step, loss)
-        target = path
-        try:
-            written = save_lora_file(lora, path, metadata=lora.metadata)
-            target = state_path_for(path)
-            try:
-                save_training_state(target, self.adapters.state_dict_for_file(dtype=torch.float32),
-                                    optimizer.state_dict(), step, total, self.config.as_dict())  # fmt: skip
-            except BaseException:
-                written.unlink(missing_ok=True)  # no checkpoint without its training state
-                raise
-        except OSError as e:
-            message = (f"checkpoint_prefix {prefix!r}: could not save the step {step} checkpoint {target}: "
-                       f"{os.strerror(e.errno) if e.errno else e}; check that the folder is writable and has "
-                       "free space, or choose another checkpoint_prefix")  # fmt: skip
-            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+        path, _ = write_checkpoint(folder, stem, step, lora, lora.metadata,
+                                   self.adapters.state_dict_for_file(dtype=torch.float32), optimizer.state_dict(),
+                                   total, self.config.as_dict(), what=f"checkpoint_prefix {prefix!r}")  # fmt: skip
         log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
+        for old in self.series.add(path, state_path_for(path)):
+            log.info("LoRA Lab: removed the older checkpoint file %s (keep_checkpoints %d)", old, self.series.keep)
 
 
 class _Start:
@@ -241,10 +229,12 @@ class _Start:
         step, source = earlier_steps(meta, os.path.basename(path))
         if source == "none":
             log.warning("LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name)
-        state_file = state_path_for(path)
-        if not state_file.exists():
+        state, problem = bound_training_state(path)
+        if problem:
+            log.warning("LoRA Lab: %s: ignoring its training state: %s; resuming from the weights only", name, problem)
+        if state is None:
             return cls(name, sd, step)
-        master, optimizer_state, info = load_training_state(state_file)
+        master, optimizer_state, info = state
         now = json.loads(json.dumps(config.as_dict()))  # as the state file recorded it (tuples -> lists)
         differ = [k for k in RESUME_KEYS if info["config"].get(k) != now[k]]
         if differ:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD", "RMSprop")
@@ -47,8 +48,14 @@ class TrainConfig:
     min_snr_gamma: float = 0.0  # 0: off; eps / v models only
     noise_offset: float = 0.0
     save_every: int = 0  # optimizer steps between checkpoints; 0: none
+    keep_checkpoints: int = 3  # newest checkpoints of a run kept on disk; older ones are deleted; 0: all
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below (and ComfyUI's min / max checks): refuse it, and inf, first.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value!r}; set it to a normal value")
         _int_range("steps", self.steps, 1, 100_000)
         _int_range("batch_size", self.batch_size, 1, 10_000)
         _int_range("grad_accumulation_steps", self.grad_accumulation_steps, 1, 1024)
@@ -65,6 +72,7 @@ class TrainConfig:
         _int_range("warmup_steps", self.warmup_steps, 0, 100_000)
         _int_range("lr_cycles", self.lr_cycles, 1, 1000)
         _int_range("save_every", self.save_every, 0, 100_000)
+        _int_range("keep_checkpoints", self.keep_checkpoints, 0, 100_000)
         if not (self.logit_std > 0):
             raise ValueError(f"logit_std must be positive, got {self.logit_std!r}")
         if not (self.flow_shift > 0):

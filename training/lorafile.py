@@ -22,7 +22,7 @@ import contextlib
 import datetime as _dt
 import errno
 import json
-import math
+import logging
 import os
 import re
 import struct
@@ -36,6 +36,10 @@ __all__ = [
     "LoraStateDict",
     "PICKLE_SUFFIXES",
     "save_lora_file",
+    "save_lora_bytes",
+    "lora_file_bytes",
+    "MAX_STEP_COUNT",
+    "SIDECAR_SUFFIXES",
     "read_lora_file",
     "earlier_steps",
     "next_free_path",
@@ -46,6 +50,14 @@ __all__ = [
 ]
 
 LORA_SUFFIX = ".safetensors"
+# Files that live beside a LoRA under its name (the training-state sidecar of a checkpoint): a name is
+# only free when none of these exists either, so a new LoRA is never joined to an older sidecar.
+SIDECAR_SUFFIXES = (".lorastate",)
+# Largest step count read from a file (metadata, name, training state); anything above is refused as
+# bogus: 10**9 steps is far beyond any real run, and keeps names and sums small.
+MAX_STEP_COUNT = 10**9
+
+log = logging.getLogger("loralab")
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th"})
 
 # Largest JSON header we accept when checking a file (safetensors itself caps it at 100 MB).
@@ -142,12 +154,26 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     except FileExistsError:
         raise
     except OSError:
-        # Filesystems without hard links: check, then rename (a small race is unavoidable).
-        if path.exists():
-            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
-        os.replace(tmp, path)
-    else:
-        os.unlink(tmp)
+        # Filesystems without hard links (exFAT, some SMB / FUSE mounts): create the name exclusively
+        # (O_EXCL: fails if it exists, whoever made it and whenever) and copy the data into it. A file
+        # that appears at any moment is never overwritten.
+        _copy_exclusive(tmp, path)
+    os.unlink(tmp)
+
+
+def _copy_exclusive(src: Path, path: Path) -> None:
+    """Copy ``src`` to the new file ``path`` (created with O_EXCL, fsynced); removed again on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # ours: created exclusively above
+        raise
 
 
 _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
@@ -186,6 +212,48 @@ def save_lora_file(
     parent folders are created.  On any error the temporary file is removed and nothing is left at
     ``path``.  Returns the absolute path written.
     """
+    path = _check_target(path, overwrite)
+    meta = _check_metadata(metadata)
+    tensors = _prepare_tensors(sd, path)
+    if not tensors:
+        raise ValueError(f"refusing to write an empty LoRA (no tensors) to {path}")
+
+    # Imported here so that merely importing this module stays cheap.
+    import safetensors.torch
+
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None)
+
+    _write_atomically(path, write, overwrite)
+    return path
+
+
+def lora_file_bytes(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The exact bytes :func:`save_lora_bytes` would write for ``sd`` (same checks as
+    :func:`save_lora_file`): for hashing a file before it is published."""
+    meta = _check_metadata(metadata)
+    tensors = _prepare_tensors(sd, Path("<in memory>"))
+    if not tensors:
+        raise ValueError("refusing to build an empty LoRA (no tensors)")
+    import safetensors.torch
+
+    return safetensors.torch.save(tensors, metadata=meta or None)
+
+
+def save_lora_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write already serialised LoRA bytes (:func:`lora_file_bytes`) to ``path``, atomically and
+    durably, never over an existing file unless ``overwrite``; errors as :func:`save_lora_file`."""
+    path = _check_target(path, overwrite)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as f:
+            f.write(data)
+
+    _write_atomically(path, write, overwrite)
+    return path
+
+
+def _check_target(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path).absolute()
     if path.suffix.lower() != LORA_SUFFIX:
         raise ValueError(f"LoRA files are written as {LORA_SUFFIX}, not {path.suffix or 'no suffix'}: {path}")
@@ -195,19 +263,18 @@ def save_lora_file(
             "refusing to overwrite an existing LoRA file; choose another name or pass overwrite=True",
             str(path),
         )
-    meta = _check_metadata(metadata)
-    tensors = _prepare_tensors(sd, path)
-    if not tensors:
-        raise ValueError(f"refusing to write an empty LoRA (no tensors) to {path}")
+    return path
 
-    # Imported here so that merely importing this module stays cheap.
-    import safetensors.torch
 
+def _write_atomically(path: Path, write, overwrite: bool) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``; it is fsynced and published under
+    ``path`` (never over an existing file unless ``overwrite``). I/O errors become an ``OSError``
+    naming the file; nothing is left behind on any error."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file(tensors, str(tmp), metadata=meta or None)
+            write(tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -236,7 +303,6 @@ def save_lora_file(
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +333,10 @@ def _check_safetensors_layout(path: Path) -> None:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"LoRA file {path} is not a safetensors file (its header is not JSON)") from None
+    except RecursionError:  # e.g. [[[[...]]]] nested far deeper than any real header
+        raise ValueError(
+            f"LoRA file {path} is not a safetensors file (its header is nested too deeply)"
+        ) from None
     if not isinstance(header, dict):
         raise ValueError(f"LoRA file {path} is not a safetensors file (its header is not a JSON object)")
     end = 0
@@ -323,16 +393,33 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 _STEP_KEYS = ("loralab.steps", "ss_steps", "steps")
 _STEPS_IN_NAME = re.compile(r"_(\d+)_?steps(?=_|\.|$)")
+# A whole number, optionally written with a zero fraction ("250.0"); no signs, exponents or spaces inside.
+_STEP_TEXT = re.compile(r"(\d{1,12})(?:\.0*)?")
 
 
-def _as_step_count(value: object) -> int | None:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
+def step_count(value: object) -> int | None:
+    """``value`` as a step count in 0..MAX_STEP_COUNT, or None when it is not one.
+
+    Accepts ints and the text of whole numbers (``"250"``, ``"250.0"``); refuses bools, floats with
+    a fraction, exponents (``"1e308"``), negative numbers and anything above ``MAX_STEP_COUNT``.
+    """
+    if isinstance(value, bool):
         return None
-    if not math.isfinite(number) or number < 0 or number != int(number):
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        found = _STEP_TEXT.fullmatch(value.strip())
+        if not found:
+            return None
+        number = int(found.group(1))
+    else:
         return None
-    return int(number)
+    return number if 0 <= number <= MAX_STEP_COUNT else None
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def earlier_steps(metadata: Mapping[str, str] | None, filename: str | os.PathLike | None) -> tuple[int, str]:
@@ -341,17 +428,26 @@ def earlier_steps(metadata: Mapping[str, str] | None, filename: str | os.PathLik
     Looks at the metadata keys ``loralab.steps``, ``ss_steps`` and ``steps`` (in that order), then
     at a ``_<N>_steps`` (or ``_<N>steps``) part of the file name, as in ComfyUI's built-in SaveLoRA
     names ``<prefix>_<N>_steps_<counter>_.safetensors``.  Returns ``(steps, source)`` with source
-    ``"metadata"``, ``"filename"`` or ``"none"`` (steps 0), so callers can warn on a guess.
+    ``"metadata"``, ``"filename"`` or ``"none"`` (steps 0), so callers can warn on a guess.  A value
+    that is not a whole number in 0..MAX_STEP_COUNT (``"1e308"``, ``"-3"``, 400 digits) is skipped
+    with a warning naming the key.
     """
     for key in _STEP_KEYS:
         if metadata and key in metadata:
-            steps = _as_step_count(metadata[key])
+            steps = step_count(metadata[key])
             if steps is not None:
                 return steps, "metadata"
+            log.warning(
+                "LoRA Lab: ignoring the step count %s=%s in the LoRA's metadata: not a whole number "
+                "between 0 and %d", key, _shown(metadata[key]), MAX_STEP_COUNT,
+            )
     if filename:
-        matches = _STEPS_IN_NAME.findall(Path(filename).name)
-        if matches:
-            return int(matches[-1]), "filename"
+        for digits in reversed(_STEPS_IN_NAME.findall(Path(filename).name)):
+            steps = step_count(digits)
+            if steps is not None:
+                return steps, "filename"
+            log.warning("LoRA Lab: ignoring the step count in the file name %s: above %d",
+                        _shown(Path(filename).name, 80), MAX_STEP_COUNT)  # fmt: skip
     return 0, "none"
 
 
@@ -379,7 +475,9 @@ def next_free_path(folder: str | os.PathLike, prefix: str, steps: int | None, ex
     ``counter`` is one more than the highest counter of any existing file of this prefix (with or
     without a step count, ours or the built-in SaveLoRA's), so counters never repeat across step
     counts.  ``prefix`` is a plain file-name stem (use :func:`safe_prefix` for user input and put its
-    folders into ``folder``).  The folder is not created.
+    folders into ``folder``).  The folder is not created.  A name whose sidecar
+    (``<stem><suffix>`` for :data:`SIDECAR_SUFFIXES`) exists counts as taken too, so a new file is never
+    joined to a leftover training state.
     """
     folder = Path(folder)
     if not prefix or "/" in prefix or "\\" in prefix:
@@ -390,21 +488,24 @@ def next_free_path(folder: str | os.PathLike, prefix: str, steps: int | None, ex
         steps = int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-    pattern = _counter_pattern(prefix, ext)
+    sidecars = SIDECAR_SUFFIXES if ext.lower() == LORA_SUFFIX else ()
+    patterns = [_counter_pattern(prefix, e) for e in (ext, *sidecars)]
     highest = 0
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         names = []
     for name in names:
-        m = pattern.match(name)
-        if m:
-            highest = max(highest, int(m.group(1)))
+        for pattern in patterns:
+            m = pattern.match(name)
+            if m:
+                highest = max(highest, int(m.group(1)))
     counter = highest + 1
     while True:
         middle = f"{steps}_steps_" if steps is not None else ""
-        candidate = folder / f"{prefix}_{middle}{counter:05}{ext}"
-        if not os.path.lexists(candidate):
+        stem = f"{prefix}_{middle}{counter:05}"
+        candidate = folder / f"{stem}{ext}"
+        if not any(os.path.lexists(folder / f"{stem}{e}") for e in (ext, *sidecars)):
             return candidate
         counter += 1
 

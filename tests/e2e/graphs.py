@@ -67,6 +67,7 @@ OPTIONS_DEFAULTS: dict[str, Any] = {
     "min_snr_gamma": 0.0,
     "noise_offset": 0.0,
     "save_every": 0,
+    "keep_checkpoints": 3,
     "checkpoint_prefix": "loralab/checkpoints/lora",
 }
 
@@ -251,10 +252,14 @@ def denoise_value(result: RunResult, node: Node) -> float:
 
 
 def saved_lora(result: RunResult, node: Node) -> tuple[str, pathlib.Path]:
-    """(name relative to the loras folder, absolute path) of a LoraLab_SaveLora node's file."""
+    """(name relative to the loras folder, absolute path) of a LoraLab_SaveLora node's file. The node's
+    UI result names the file relative to the loras folder only (no absolute path leaves the server);
+    the path is found under the base directory of the server that ran the prompt."""
     entries = result.outputs[node.id]["loras"]
     assert len(entries) == 1, entries
-    path = pathlib.Path(entries[0]["path"])
+    assert "path" not in entries[0], entries  # no absolute server path in UI results
+    assert result.base_dir is not None, "run the prompt with a client made by ComfyServer.client()"
+    path = result.base_dir / "models" / "loras" / entries[0]["filename"]
     assert path.is_file(), path
     return entries[0]["filename"], path
 

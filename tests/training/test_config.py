@@ -31,3 +31,29 @@ def test_factories_reject_unknown_names():
         make_optimizer("Lion", [], 1e-3)
     with pytest.raises(ValueError, match="loss_function"):
         make_loss("L2")
+
+
+FLOAT_FIELDS = ["learning_rate", "alpha", "weight_decay", "max_grad_norm", "logit_mean", "logit_std", "flow_shift",
+                "min_snr_gamma", "noise_offset"]  # fmt: skip
+
+
+def test_float_fields_are_all_listed():
+    import dataclasses
+
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+    assert sorted(floats) == sorted(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_non_finite_floats_are_refused_naming_the_option(field, value):
+    """NaN passes every range comparison (and ComfyUI's min / max checks): it must still be refused."""
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1, 100_001, 1.5])
+def test_keep_checkpoints_range(value):
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        TrainConfig(keep_checkpoints=value)
+    assert TrainConfig().keep_checkpoints == 3 and TrainConfig(keep_checkpoints=0).keep_checkpoints == 0

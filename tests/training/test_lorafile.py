@@ -529,3 +529,93 @@ def test_metadata_round_trips_through_a_file(tmp_path):
     _, meta = read_lora_file(path)
     assert meta == md
     assert earlier_steps(meta, path.name) == (7, "metadata")
+
+
+# ------------------------------------------------------------------------- issue 17: hostile files
+
+
+def test_fallback_without_hard_links_never_overwrites(tmp_path, monkeypatch):
+    """Where os.link fails for another reason than "exists" (exFAT, SMB / FUSE), a file that appears
+    after the existence check must survive: the fallback creates the name with O_EXCL."""
+    target = tmp_path / "race.safetensors"
+    target.write_bytes(b"someone else's file")
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(lorafile.os, "link", no_links)
+    # Every existence check answers "free", as if the other file was created just after it.
+    monkeypatch.setattr(Path, "exists", lambda self, **kwargs: False)
+    with pytest.raises(FileExistsError):
+        save_lora_file(_sd(), target)
+    assert target.read_bytes() == b"someone else's file"
+    assert _listing(tmp_path) == ["race.safetensors"]  # no temporary file left
+
+
+def test_fallback_without_hard_links_writes_the_file(tmp_path, monkeypatch):
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(lorafile.os, "link", no_links)
+    path = save_lora_file(_sd(), tmp_path / "ok.safetensors", metadata={"a": "b"})
+    tensors, meta = read_lora_file(path)
+    assert tensors.keys() == _sd().keys() and meta == {"a": "b"}
+    assert _listing(tmp_path) == ["ok.safetensors"]
+
+
+def test_deeply_nested_header_gives_the_readable_error(tmp_path):
+    depth = 100_000
+    header = ('{"__metadata__": {"x": "y"}, "a": ' + "[" * depth + "]" * depth + "}").encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match="not a safetensors file.*nested too deeply"):
+        read_lora_file(path)
+
+
+@pytest.mark.parametrize(
+    "metadata,filename,expected",
+    [
+        ({"ss_steps": "1e308"}, None, (0, "none")),
+        ({"loralab.steps": "1e3", "ss_steps": "40"}, None, (40, "metadata")),
+        ({"ss_steps": "1" * 400}, "x_12_steps_00001.safetensors", (12, "filename")),
+        ({"ss_steps": str(10**9 + 1)}, None, (0, "none")),
+        ({"ss_steps": str(10**9)}, None, (10**9, "metadata")),
+        ({"ss_steps": "inf"}, None, (0, "none")),
+        ({"ss_steps": "nan"}, None, (0, "none")),
+        ({"ss_steps": "+5"}, None, (0, "none")),
+        ({"ss_steps": "12.5"}, None, (0, "none")),
+        ({}, "x_" + "9" * 400 + "_steps_00001.safetensors", (0, "none")),
+    ],
+)
+def test_step_counts_from_files_are_range_checked(metadata, filename, expected, caplog):
+    with caplog.at_level("WARNING", logger="loralab"):
+        assert earlier_steps(metadata, filename) == expected
+    if expected[1] != "metadata" or len(metadata) > 1:
+        assert "ignoring the step count" in caplog.text
+        assert len(caplog.text) < 2000  # the bogus value is shortened, not logged whole
+
+
+def test_step_count_type_checks():
+    assert lorafile.step_count(7) == 7 and lorafile.step_count("7") == 7 and lorafile.step_count(" 250.0 ") == 250
+    for bad in (True, 7.0, -1, None, [], "1e308", 10**9 + 1, "0x10"):
+        assert lorafile.step_count(bad) is None, bad
+
+
+def test_next_free_path_treats_a_sidecar_as_taken(tmp_path):
+    (tmp_path / "ck_5_steps_00001.lorastate").write_bytes(b"orphaned state")
+    path = next_free_path(tmp_path, "ck", 5)
+    assert path.name == "ck_5_steps_00002.safetensors"
+    # also a sidecar whose name the counter scan would not reach
+    (tmp_path / "ck_7_steps_00002.lorastate").write_bytes(b"x")
+    assert next_free_path(tmp_path, "ck", 7).name == "ck_7_steps_00003.safetensors"
+
+
+def test_lora_bytes_match_the_written_file(tmp_path):
+    sd = _sd()
+    data = lorafile.lora_file_bytes(sd, sd.metadata)
+    path = lorafile.save_lora_bytes(data, tmp_path / "b.safetensors")
+    assert path.read_bytes() == data
+    tensors, meta = read_lora_file(path)
+    assert meta == sd.metadata and all(torch.equal(tensors[k], sd[k]) for k in sd)
+    with pytest.raises(FileExistsError):
+        lorafile.save_lora_bytes(data, path)
