@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pathlib
 import time
 import urllib.error
 import urllib.parse
@@ -93,6 +94,7 @@ class RunResult:
     events: list[tuple[str, dict]] = field(default_factory=list)
     history: dict = field(default_factory=dict)  # the full /history entry
     elapsed: float = 0.0  # seconds from queueing to the terminal message
+    base_dir: pathlib.Path | None = None  # the server's base directory, when the client knows it
 
     @property
     def ok(self) -> bool:
@@ -122,8 +124,16 @@ class RunResult:
 class ComfyClient:
     """HTTP + websocket client for one ComfyUI server at ``base_url`` (``http://host:port``)."""
 
-    def __init__(self, base_url: str, *, http_timeout: float = 60.0, client_id: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http_timeout: float = 60.0,
+        client_id: str | None = None,
+        base_dir: pathlib.Path | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
+        self.base_dir = base_dir  # the server's base directory, when known (local servers the harness started)
         self.http_timeout = http_timeout
         self.client_id = client_id or uuid.uuid4().hex
 
@@ -353,6 +363,7 @@ class ComfyClient:
             events=events,
             history=entry,
             elapsed=elapsed,
+            base_dir=self.base_dir,
         )
 
 

@@ -283,7 +283,7 @@ class ComfyServer:
     def client(self, **kwargs):
         from .client import ComfyClient
 
-        return ComfyClient(self.url, **kwargs)
+        return ComfyClient(self.url, base_dir=self.base_dir, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import comfy.model_management
 import folder_paths
@@ -14,19 +15,46 @@ from ..training.loop import evaluate_denoise_loss
 from . import comfy_model as cm
 
 
+def _input_root() -> str:
+    return os.path.realpath(folder_paths.get_input_directory())
+
+
+def _inside_regular_file(root: str, name: str) -> str | None:
+    """The real path of ``name`` when it is a regular file inside ``root`` (after resolving every
+    symlink), else None. Never opens the file; the same answer (None) whether an outside path exists
+    or not."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    real = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, real]) != root or real == root:
+        return None
+    try:
+        st = os.stat(real)
+    except (OSError, ValueError):
+        return None
+    return real if stat.S_ISREG(st.st_mode) else None
+
+
 def _dataset_files() -> list[str]:
-    root = folder_paths.get_input_directory()
+    """Every .safetensors regular file inside the input folder, as relative names; links that lead out
+    of the folder and special files (FIFOs, devices) are left out, so ComfyUI's own list check refuses them."""
+    root = _input_root()
     out = []
     for dirpath, _, files in os.walk(root):
         for f in files:
             if f.endswith(".safetensors"):
-                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    # Only what validation accepts (newer ComfyUI refuses links that point outside input/).
-    return sorted(n for n in out if folder_paths.exists_annotated_filepath(n))
+                rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                if _inside_regular_file(root, rel) is not None:
+                    out.append(rel)
+    return sorted(out)
 
 
 class LoadLatentDataset(io.ComfyNode):
-    """Latents + conditioning from one .safetensors file in the input folder (no VAE or text encoder needed)."""
+    """Latents + conditioning from one .safetensors file in the input folder (no VAE or text encoder needed).
+
+    No validate_inputs on purpose: ComfyUI's own combo check then accepts only names of the list (regular
+    files inside input/). A name from a link skips that check, so execute resolves the real path and
+    requires a regular file inside input/ before opening anything."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -37,7 +65,8 @@ class LoadLatentDataset(io.ComfyNode):
             description="Reads a .safetensors file from the input folder holding 'latents' [N, C, H, W], "
             "'context' [N, T, D] and optionally 'pooled' [N, P].",
             inputs=[
-                io.Combo.Input("dataset", options=_dataset_files(), tooltip="A .safetensors file in ComfyUI's input folder."),
+                io.Combo.Input("dataset", options=_dataset_files(),
+                               tooltip="A .safetensors file in ComfyUI's input folder (links that lead outside it are not listed)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="All N latents as one batch."),
@@ -46,21 +75,19 @@ class LoadLatentDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dataset: str) -> bool | str:
-        if not folder_paths.exists_annotated_filepath(dataset):
-            return f"dataset: {dataset!r} is not in the input folder (a link pointing outside input/ is refused: copy the file in)"
-        return True
-
-    @classmethod
     def execute(cls, dataset: str) -> io.NodeOutput:
-        path = folder_paths.get_annotated_filepath(dataset)
+        path = _inside_regular_file(_input_root(), dataset)
+        if path is None or not path.endswith(".safetensors"):
+            # One message for missing files, outside paths, links out and special files alike.
+            raise ValueError(f"dataset: {str(dataset)[:200]!r} is not a .safetensors file inside ComfyUI's input "
+                             "folder; pick one from the list (copy the file into input/)")  # fmt: skip
         try:
             data = load_file(path)
         except Exception as e:  # safetensors raises several types for bad files
             raise ValueError(f"dataset: cannot read {dataset!r} as safetensors ({e})") from e
         for key in ("latents", "context"):
             if key not in data:
-                raise ValueError(f"dataset: {dataset!r} has no {key!r} tensor (keys: {sorted(data)})")
+                raise ValueError(f"dataset: {dataset!r} has no {key!r} tensor (keys: {sorted(data)[:20]})")
         latents, context = data["latents"].float(), data["context"].float()
         if context.shape[0] != latents.shape[0]:
             raise ValueError(f"dataset: {dataset!r} has {latents.shape[0]} latents but {context.shape[0]} contexts")

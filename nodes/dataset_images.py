@@ -6,10 +6,19 @@ module only resolves the folder inside ComfyUI's input directory and hands out t
 
 from __future__ import annotations
 
+import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.imagefolder import IMAGE_EXTENSIONS, list_image_captions, load_image_tensor, resolve_folder
+from ..training.imagefolder import (
+    IMAGE_EXTENSIONS,
+    MAX_ASPECT_RATIO,
+    MAX_CAPTION_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    load_folder,
+    resolve_folder,
+)
 
 
 def _folder_path(folder: str):
@@ -31,7 +40,9 @@ class LoadImageCaptionFolder(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="loralab_images", multiline=False,
                                 tooltip="A folder inside ComfyUI's input directory (relative path; '..' and absolute paths are refused) "
-                                f"holding the images ({', '.join(IMAGE_EXTENSIONS)}) and their caption files."),
+                                f"holding the images ({', '.join(IMAGE_EXTENSIONS)}) and their caption files. Limits: "
+                                f"{MAX_IMAGES} images, {MAX_IMAGE_PIXELS // 1_000_000} Mpx and aspect {MAX_ASPECT_RATIO:g}:1 per image, "
+                                f"{MAX_CAPTION_BYTES // 1024} KiB per caption; links are refused."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Target size: each image keeps its aspect ratio, is scaled to about resolution x resolution "
                              "pixels in area with both sides rounded to multiples of 64, and center-cropped to that size "
@@ -72,14 +83,11 @@ class LoadImageCaptionFolder(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder: str, resolution: int, caption_extension: str, default_caption: str) -> io.NodeOutput:
-        items = list_image_captions(_folder_path(folder), caption_extension, default_caption, name="folder")
-        images = []
-        for item in items:
-            try:
-                images.append(load_image_tensor(item.path, resolution))
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"folder: cannot read image {item.path.name!r} ({exc})") from exc
-        return io.NodeOutput(images, [item.caption for item in items])
+        images, captions = load_folder(
+            _folder_path(folder), resolution, caption_extension, default_caption, name="folder",
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        )  # fmt: skip
+        return io.NodeOutput(images, captions)
 
 
 NODES = [LoadImageCaptionFolder]

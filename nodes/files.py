@@ -147,7 +147,9 @@ class LoraLab_SaveLora(io.ComfyNode):
 
         rel = path.relative_to(root).as_posix()
         log.info("LoRA Lab: saved %s (%d tensors)", path, len(lora))
-        return io.NodeOutput(rel, ui={"loras": [{"filename": rel, "path": str(path), "type": "loras"}]})
+        # Only the name relative to the loras folder: the UI result goes to every websocket client and
+        # into /history, which need not learn where the server keeps its files.
+        return io.NodeOutput(rel, ui={"loras": [{"filename": rel, "type": "loras"}]})
 
 
 class LoraLab_LoadLora(io.ComfyNode):

@@ -323,7 +323,7 @@ def test_diverging_run_stops_naming_learning_rate_and_keeps_finite_checkpoints(c
     model = g.unet()
     latents, positive = g.dataset()
     options = g.training_options(
-        max_grad_norm=0.0, save_every=DIVERGE_SAVE_EVERY, checkpoint_prefix=f"{DIR}/diverge/ck"
+        max_grad_norm=0.0, save_every=DIVERGE_SAVE_EVERY, keep_checkpoints=0, checkpoint_prefix=f"{DIR}/diverge/ck"
     )
     trainer = g.train_with_options(model, latents, positive, options, steps=DIVERGE_STEPS, **DIVERGE)
     g.save_lora(trainer[LORA_OUT], f"{DIR}/diverge/final", steps=trainer[STEPS_OUT])
