@@ -147,7 +147,7 @@ def save_training_state(
             raise
         raise error from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
     _fsync_dir(path.parent)
     return path
 
@@ -199,7 +199,7 @@ def write_checkpoint(
         raise OSError(
             errno.ENOSPC,
             f"{what}: not enough free space for the step {step} checkpoint {path} and its training state "
-            f"{state.name} ({os.strerror(errno.ENOSPC)}): they need about {_mib(needed)}, {folder} has "
+            f"{state} ({os.strerror(errno.ENOSPC)}): they need about {_mib(needed)}, {folder} has "
             f"{_mib(free)} free; free some space, save less often (a larger save_every, or 0 for no "
             "checkpoints), keep fewer (keep_checkpoints) or choose another checkpoint_prefix",
         )
@@ -217,14 +217,14 @@ def write_checkpoint(
             _publish_new(tmp, state)
         except FileExistsError:  # another writer took the name: leave its file alone, take the next one
             if published is not None:
-                published.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
+                _remove(published)
+            _remove(tmp)
             path = next_free_path(folder, stem, step)
             continue
         except BaseException as exc:
             if published is not None:
-                published.unlink(missing_ok=True)  # never a checkpoint LoRA without its state
-            tmp.unlink(missing_ok=True)
+                _remove(published)  # never a checkpoint LoRA without its state
+            _remove(tmp)
             if isinstance(exc, Exception):
                 cause = write_error_cause(exc)
                 if cause is not None:
@@ -233,6 +233,12 @@ def write_checkpoint(
         _fsync_dir(folder)
         return path, state
     raise FileExistsError(errno.EEXIST, f"{what}: no free checkpoint name after {_NAME_TRIES} tries", str(folder))
+
+
+def _remove(path: Path) -> None:
+    """Clean-up that must not hide the error being handled (unlink fails on a read-only disk)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _publish_new(tmp: Path, path: Path) -> None:

@@ -678,9 +678,10 @@ def test_server_healthy_after_many_prompts(comfy_server):
 # ---------------------------------------------------------------------- 8: full or read-only disk
 
 # tmpfs sizes: "full" has 64 KiB with 40 000 bytes taken (a ~200 KB LoRA starts to write, then hits
-# ENOSPC); "ro" is mounted read-only (EROFS, which root cannot override); "state" holds a checkpoint's
-# LoRA (~200 KB in bf16) but not its training state (fp32 weights and AdamW moments, ~1.2 MB).
-FILESYSTEMS = {"full": "size=64k", "ro": "size=64k,ro", "state": "size=512k"}
+# ENOSPC); "ro" is mounted read-only (EROFS, which root cannot override) and big enough (4 MiB) for the
+# checkpoints' free-space check to pass, so the write itself fails; "state" holds a checkpoint's LoRA
+# (~200 KB in bf16) but not its training state (fp32 weights and AdamW moments, ~1.2 MB).
+FILESYSTEMS = {"full": "size=64k", "ro": "size=4m,ro", "state": "size=512k"}
 FILLER = 40_000
 
 
@@ -739,15 +740,16 @@ def test_save_lora_on_full_or_read_only_disk(comfy_server, small_disks, label, c
 @pytest.mark.parametrize(
     "label,cause,failed",
     [
-        ("full", "No space left on device", "ck_1_steps_00001.safetensors"),
-        ("ro", "Read-only file system", "ck_1_steps_00001.safetensors"),
-        ("state", "No space left on device", "ck_1_steps_00001.lorastate"),
+        ("full", "not enough free space", "ck_1_steps_00001.safetensors"),
+        ("ro", "Read-only file system", "ck_1_steps_00001.lorastate"),
+        ("state", "not enough free space", "ck_1_steps_00001.lorastate"),
     ],
 )
 def test_checkpoint_on_full_or_read_only_disk(comfy_server, small_disks, label, cause, failed):
     """A checkpoint that cannot be written stops training with an error naming checkpoint_prefix and the
-    file; on "state" the LoRA half of the checkpoint fits but its training state does not: no LoRA file
-    without its state is left."""
+    file. On "full" and "state" the free-space check refuses it before anything is written (on "state"
+    the LoRA half would fit, its training state would not), naming save_every, keep_checkpoints and both
+    files; on "ro" the training state, written first, fails. No LoRA file without its state is left."""
     folder = small_disks[label]
     before = _listing(folder)
     g = Graph()
@@ -761,6 +763,9 @@ def test_checkpoint_on_full_or_read_only_disk(comfy_server, small_disks, label, 
     print(f"checkpoint on {label}: {message}")
     assert "checkpoint_prefix" in message and cause in message, message
     assert f"{DIR}_{label}/{failed}" in message, message
+    if cause == "not enough free space":
+        assert "No space left on device" in message and "save_every" in message and "keep_checkpoints" in message
+        assert "ck_1_steps_00001.safetensors" in message and "ck_1_steps_00001.lorastate" in message
     assert _listing(folder) == before, "a partial checkpoint or temporary file was left behind"
     assert not list((loras_root(comfy_server) / DIR).glob(f"never_ck_{label}*"))
 
