@@ -103,14 +103,23 @@ def build_samples(patcher, latents: Sequence[dict], positive: Sequence[list], de
         params = {k: v for k, v in opts.items()}
         params.update(cross_attn=ctx.to(device), device=device, noise=x0, latent_image=x0)
         model_conds = base.extra_conds(**params)
-        cond = {}
-        for key, c in model_conds.items():
-            t = c.process_cond(batch_size=1, device=device, area=None).cond
-            if not torch.is_tensor(t):
-                raise ValueError(f"positive: conditioning value {key!r} of type {type(t).__name__} is not supported")
-            cond[key] = t.detach().clone()
+        cond = {key: _owned(c.process_cond(batch_size=1, device=device, area=None).cond) for key, c in model_conds.items()}
         samples.append(Sample(x0[0].detach().clone(), cond))
     return samples
+
+
+def _owned(value):
+    """A conditioning value as the sampler would pass it, detached from the caller's tensors: tensors
+    copied, lists / tuples / dicts of them item by item, plain values (ints, floats, None, strings) as
+    they are. ComfyUI's conditioning classes decide the value (CONDConstant: the value itself,
+    CONDList: a list of tensors); nothing here depends on the family."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    return value
 
 
 def make_predict_x0(patcher):

@@ -5,19 +5,44 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class Sample:
-    """One training example. latent [C, H, W] (model space); cond: model kwargs, each [1, ...]."""
+    """One training example. latent [C, H, W] or [C, T, H, W] (model space); cond: the model's keyword
+    arguments as a sampler passes them for batch 1: tensors [1, ...], lists of such tensors (reference
+    latents), or plain values (a frame rate, a token count, None)."""
 
     latent: torch.Tensor
-    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    cond: dict[str, Any] = field(default_factory=dict)
 
     def bucket_key(self) -> tuple:
-        return (tuple(self.latent.shape), tuple(sorted((k, tuple(v.shape)) for k, v in self.cond.items())))
+        """Samples batch together when latent shapes, conditioning shapes and plain values all match."""
+        return (tuple(self.latent.shape), tuple(sorted((k, signature(v)) for k, v in self.cond.items())))
+
+
+def signature(value: Any) -> tuple:
+    """What must agree for two conditioning values to be concatenated along the batch: the shape of a
+    tensor, the signatures of a list's items, the value itself otherwise."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape[1:]), str(value.dtype))
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(signature(v) for v in value))
+    return ("value", repr(value))
+
+
+def concat(values: Sequence[Any], device: torch.device) -> Any:
+    """Batch conditioning values of one signature: tensors along dim 0, lists item by item, plain
+    values (equal within a batch) as they are."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(values)).to(device)
+    if isinstance(first, (list, tuple)):
+        return type(first)(concat([v[j] for v in values], device) for j in range(len(first)))
+    return first
 
 
 class BatchOrder:
@@ -57,8 +82,8 @@ def mix_seed(seed: int, n: int) -> int:
 
 
 def collate(samples: Sequence[Sample], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Stack latents to [B, C, H, W] and concatenate each conditioning kwarg along the batch."""
+    """Stack latents to [B, C, ...] and batch each conditioning kwarg (see concat)."""
     latents = torch.stack([samples[i].latent for i in indices]).to(device)
     keys = samples[indices[0]].cond.keys()
-    cond = {k: torch.cat([samples[i].cond[k] for i in indices]).to(device) for k in keys}
+    cond = {k: concat([samples[i].cond[k] for i in indices], device) for k in keys}
     return latents, cond
