@@ -49,12 +49,25 @@ def _dataset_files() -> list[str]:
     return sorted(out)
 
 
+def _dataset_path(name: str) -> str | None:
+    path = _inside_regular_file(_input_root(), name)
+    return path if path is not None and path.endswith(".safetensors") else None
+
+
+def _not_a_dataset(name) -> str:
+    # One message for missing files, outside paths, links out and special files alike: it must not
+    # tell whether something exists outside input/.
+    return (f"dataset: {str(name)[:200]!r} is not a regular .safetensors file inside ComfyUI's input folder; "
+            "pick one from the list (copy the file into input/)")  # fmt: skip
+
+
 class LoadLatentDataset(io.ComfyNode):
     """Latents + conditioning from one .safetensors file in the input folder (no VAE or text encoder needed).
 
-    No validate_inputs on purpose: ComfyUI's own combo check then accepts only names of the list (regular
-    files inside input/). A name from a link skips that check, so execute resolves the real path and
-    requires a regular file inside input/ before opening anything."""
+    ComfyUI 0.3.75 checks list membership only for V1 combos (a list as the input type), not for V3
+    ``io.Combo`` ("COMBO"), so validate_inputs does that check itself, strictly: a regular .safetensors
+    file inside input/ after resolving links, the same answer for every other name whether it exists
+    or not. A name from a link is checked again at execute, before anything is opened."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -75,12 +88,16 @@ class LoadLatentDataset(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dataset=None) -> bool | str:
+        if not isinstance(dataset, str):  # linked from another node: checked when it runs
+            return True
+        return True if _dataset_path(dataset) is not None else _not_a_dataset(dataset)
+
+    @classmethod
     def execute(cls, dataset: str) -> io.NodeOutput:
-        path = _inside_regular_file(_input_root(), dataset)
-        if path is None or not path.endswith(".safetensors"):
-            # One message for missing files, outside paths, links out and special files alike.
-            raise ValueError(f"dataset: {str(dataset)[:200]!r} is not a .safetensors file inside ComfyUI's input "
-                             "folder; pick one from the list (copy the file into input/)")  # fmt: skip
+        path = _dataset_path(dataset)
+        if path is None:
+            raise ValueError(_not_a_dataset(dataset))
         try:
             data = load_file(path)
         except Exception as e:  # safetensors raises several types for bad files

@@ -63,7 +63,9 @@ class TrainingOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, alpha: float, include: str, exclude: str, **kwargs) -> io.NodeOutput:
-        options = dict(kwargs, alpha=alpha if alpha > 0 else None, include=_patterns(include), exclude=_patterns(exclude))
+        # 0 means alpha = rank; anything else (NaN included, which "alpha > 0" would turn into None) goes to
+        # TrainConfig, which refuses what is not a positive finite number, naming alpha.
+        options = dict(kwargs, alpha=None if alpha == 0 else alpha, include=_patterns(include), exclude=_patterns(exclude))
         prefix = options.pop("checkpoint_prefix")
         safe_prefix(prefix, "checkpoint_prefix")  # a linked prefix was not checked at queue time
         TrainConfig(**options)  # fail here, at the options node, on a bad combination
