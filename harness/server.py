@@ -47,6 +47,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMFY_DIR = REPO_ROOT / ".comfyui" / "ComfyUI"
 PEOPLE_BASE_DIR = REPO_ROOT / ".comfyui" / "base"
 PACK_NAME = "comfyui-lora-lab"
+#: The tests' own custom node (tiny models of every family), installed into test servers only.
+TESTKIT_DIR = REPO_ROOT / "tests" / "comfy_testkit"
+TESTKIT_NAME = "loralab-testkit"
 MODEL_NAME = "loralab-tiny-sd3.safetensors"
 DATASET_NAME = "loralab-tiny-dataset.safetensors"
 
@@ -151,11 +154,13 @@ def prepare_base_dir(
     *,
     source_base: str | os.PathLike | None = PEOPLE_BASE_DIR,
     with_models: bool = True,
+    testkit: bool = False,
 ) -> pathlib.Path:
     """Lay out a ComfyUI base directory with this pack installed and the tiny model + dataset in place.
 
     Creates ``models/...``, ``input/``, ``output/``, ``temp/``, ``user/``, ``custom_nodes/`` and the
-    symlink ``custom_nodes/comfyui-lora-lab -> pack_root``. The tiny SD3 model and the dataset are
+    symlink ``custom_nodes/comfyui-lora-lab -> pack_root`` (with ``testkit``, also
+    ``custom_nodes/loralab-testkit -> tests/comfy_testkit``, the tests' tiny-family node). The tiny SD3 model and the dataset are
     symlinked from ``source_base`` (the set-up script's ``.comfyui/base``) when it has them, otherwise
     written by ``scripts/make_tiny_models.py`` (which imports comfy, ~5 s). Idempotent.
     """
@@ -164,6 +169,8 @@ def prepare_base_dir(
     for sub in BASE_SUBDIRS:
         (base / sub).mkdir(parents=True, exist_ok=True)
     _link(pack, base / "custom_nodes" / PACK_NAME)
+    if testkit:
+        _link(TESTKIT_DIR, base / "custom_nodes" / TESTKIT_NAME)
     if not with_models:
         return base
 

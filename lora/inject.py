@@ -22,11 +22,16 @@ log = logging.getLogger(__name__)
 
 
 # Glob patterns on module paths (relative to the diffusion model) per preset. Names as ComfyUI builds
-# them: MMDiT attn/attn2/mlp, SD UNet attn1/attn2/ff.net, Flux img_attn/txt_attn/img_mlp/txt_mlp and
-# single_blocks linear1 (fused qkv + mlp in) / linear2, Wan-style self_attn/cross_attn/ffn.
-ATTENTION_PATTERNS = ("*attn*", "*single_blocks.*.linear1", "*single_blocks.*.linear2")
+# them: MMDiT / AuraFlow attn, SD UNet attn1/attn2/ff.net, Flux / HunyuanVideo img_attn / txt_attn /
+# img_mlp / txt_mlp and single_blocks linear1 (fused qkv + mlp in) / linear2, Wan / Cosmos self_attn /
+# cross_attn / ffn / mlp, Lumina 2 / Z-Image attention / feed_forward, Qwen-Image attn / img_mlp.
+ATTENTION_PATTERNS = ("*attn*", "*attention.*", "*single_blocks.*.linear1", "*single_blocks.*.linear2")
 # MLPs of the repeated blocks only, not the timestep / pooled-text embedder MLPs (t_embedder.mlp...).
-MLP_PATTERNS = ("*blocks.*mlp*", "*ff.net*", "*blocks.*.ff.*", "*blocks.*ffn*", "*blocks.*feed_forward*")
+MLP_PATTERNS = ("*blocks.*mlp*", "*layers.*mlp*", "*ff.net*", "*blocks.*.ff.*", "*blocks.*ffn*",
+                "*blocks.*feed_forward*", "*layers.*feed_forward*")  # fmt: skip
+# Never part of a preset: adaptive-norm modulation projections whose names mention attention
+# (Cosmos adaln_modulation_self_attn).
+PRESET_EXCLUDE = ("*modulation*",)
 TARGET_PATTERNS: dict[str, tuple[str, ...]] = {
     "all": ("*",),
     "attention": ATTENTION_PATTERNS,
@@ -41,6 +46,13 @@ def target_patterns(preset: str, include: Sequence[str] = ()) -> tuple[str, ...]
     if preset not in TARGET_PATTERNS:
         raise ValueError(f"targets must be one of {', '.join(TARGET_PATTERNS)}; got {preset!r}")
     return TARGET_PATTERNS[preset]
+
+
+def target_excludes(preset: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """Exclude patterns: the explicit ones, plus the presets' own where a layer preset chose the layers."""
+    if include or preset == "all":
+        return tuple(exclude)
+    return (*exclude, *PRESET_EXCLUDE)
 
 
 def find_targets(

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
-from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_patterns
+from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_excludes, target_patterns
 from ..training.autograd_safe import autograd_safe
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
 from ..training.checkpointing import gradient_checkpointing
@@ -118,7 +118,8 @@ def train(
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
         start = _Start.read(existing, config) if existing and existing != NO_LORA else _Start()
         diffusion = patcher.model.diffusion_model
-        targets = find_targets(diffusion, target_patterns(config.targets, config.include), config.exclude)
+        targets = find_targets(diffusion, target_patterns(config.targets, config.include),
+                               target_excludes(config.targets, config.include, config.exclude))
         if not targets:
             raise ValueError("options: the targets / include / exclude patterns match no Linear or Conv layer of this model")
         device = patcher.load_device
@@ -152,10 +153,32 @@ def train(
                     on_checkpoint=writer.save_checkpoint,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
+        except RuntimeError as e:
+            raise _untrainable(e, writer.family) from e
         finally:
             bar.close()
     total = start.step + config.steps
     return writer.lora(total, result.losses[-1]), result.losses, total
+
+
+# What PyTorch says when a model's code cannot run under autograd, whatever the family.
+_AUTOGRAD_REFUSALS = {
+    "modified by an inplace operation": "writes in place into activations that backward needs (an explicit "
+    "in-place operation in the model code, which the trainer can only avoid for a += b)",
+    "no autograd formula": "runs an operation that PyTorch cannot differentiate (a fused inference kernel)",
+}
+
+
+def _untrainable(error: RuntimeError, family: str) -> RuntimeError:
+    """PyTorch's refusal to differentiate a model's code, said in terms a user can act on; other
+    errors unchanged."""
+    for marker, what in _AUTOGRAD_REFUSALS.items():
+        if marker in str(error):
+            return RuntimeError(
+                f"model: this {family} model's code on this ComfyUI release {what}, so it cannot be trained "
+                f"here; a newer ComfyUI may train it (PyTorch: {str(error).splitlines()[0][:300]})"
+            )
+    return error
 
 
 def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:

@@ -73,7 +73,7 @@ class RunningComfy:
 def _new_server(base_dir: pathlib.Path, log_path: pathlib.Path, **server_kwargs) -> ComfyServer:
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail(f"no ComfyUI tree at {COMFY_DIR}: run `bash scripts/setup.sh` first", pytrace=False)
-    return ComfyServer(prepare_base_dir(base_dir), log_path=log_path, **server_kwargs)
+    return ComfyServer(prepare_base_dir(base_dir, testkit=True), log_path=log_path, **server_kwargs)
 
 
 def _running(server: ComfyServer) -> RunningComfy:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .autograd_safe import autograd_safe
 
@@ -91,16 +93,23 @@ def gradient_checkpointing(root: nn.Module, enabled: bool = True) -> Iterator[in
         yield len(patched)
     finally:
         for b in patched:
-            del b.forward
+            b.__dict__.pop("forward", None)
 
 
 def _checkpointed(block: nn.Module, forward, last: _LastBlock, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    first_pass = not last.decided
     last.called(block)
     if last.block is block:
         return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(_autograd_safe_call, forward, *args, use_reentrant=False, **kwargs)
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+    versions = [a._version for a in inputs]
+    run = _probed_call if first_pass else _autograd_safe_call
+    out = torch.utils.checkpoint.checkpoint(run, forward, *args, use_reentrant=False, **kwargs)
+    if any(a._version != v for a, v in zip(inputs, versions, strict=True)):
+        raise InPlaceError(type(block).__name__, "change their input in place")
+    return out
 
 
 def _autograd_safe_call(forward, *args, **kwargs):
@@ -109,3 +118,60 @@ def _autograd_safe_call(forward, *args, **kwargs):
     thread), and a block that updated its input in place would recompute from the updated values."""
     with autograd_safe():
         return forward(*args, **kwargs)
+
+
+def _probed_call(forward, *args, **kwargs):
+    """_autograd_safe_call, watched for explicit in-place writes (``x.addcmul_(...)``, ``x[i] = ...``)
+    to a tensor an earlier op of the block already used: that op may have kept it for backward, and a
+    recomputation would then see the written values. Only the first pass with grad is watched (the
+    model code is the same on every pass); the watch costs a Python call per op."""
+    with _InPlaceWatch() as watch:
+        out = _autograd_safe_call(forward, *args, **kwargs)
+    if watch.found:
+        raise InPlaceError(watch.block_name(forward), f"write into a tensor they already used ({watch.found})")
+    return out
+
+
+class InPlaceError(RuntimeError):
+    """A checkpointed block writes in place into a tensor it already used, so recomputing it in
+    backward would give wrong gradients (silently: recomputed values are not version-checked)."""
+
+    def __init__(self, block: str, what: str):
+        super().__init__(
+            f"gradient_checkpointing: the {block} blocks of this model {what}, an explicit in-place operation "
+            "in the model code that recomputation in backward cannot repeat exactly; set gradient_checkpointing "
+            "off to train this model on this ComfyUI release"
+        )
+
+
+class _InPlaceWatch(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: dict[int, weakref.ref] = {}
+        self.found = ""
+
+    def _was_used(self, t: torch.Tensor) -> bool:
+        for candidate in (t, t._base):
+            if candidate is not None:
+                ref = self.used.get(id(candidate))
+                if ref is not None and ref() is candidate:
+                    return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        in_place = name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+        if in_place and args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+            if not self.found and self._was_used(args[0]):
+                self.found = name
+        else:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    self.used[id(a)] = weakref.ref(a)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def block_name(forward) -> str:
+        owner = getattr(forward, "__self__", None)
+        return type(owner).__name__ if owner is not None else "repeated"

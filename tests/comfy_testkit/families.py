@@ -38,6 +38,13 @@ class Family:
     concat_latent: bool = False  # Wan i2v: the start frame latent as concat_latent_image
     prediction: str = "flow"  # the target the family trains on: eps, v, flow (x0 where EDM)
     v_prediction: bool = False  # SD2 768-v: the UNet with v-prediction sampling
+    # Known limits, as measured (the trainer refuses these with a message, never trains them wrongly):
+    # its blocks write in place into tensors they used, so gradient checkpointing refuses them
+    checkpointing_exact: bool = True
+    untrainable_on: tuple[str, ...] = ()  # ComfyUI version prefixes whose model code autograd refuses
+
+    def trainable_on(self, comfy_version: str) -> bool:
+        return not any(comfy_version.startswith(p) for p in self.untrainable_on)
 
 
 def _unet(**kw) -> dict:
@@ -93,7 +100,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            (16, 2, 8, 8), (6, 32), pooled=32, extras={"guidance": 6.0}),
     Family("ltxv", "LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
                                 num_attention_heads=2, caption_channels=32, num_layers=2),
-           (128, 2, 4, 4), (6, 32), extras={"frame_rate": 25, "attention_mask": torch.ones(1, 6)}),
+           (128, 2, 4, 4), (6, 32), extras={"frame_rate": 25, "attention_mask": torch.ones(1, 6)},
+           checkpointing_exact=False, untrainable_on=("0.3.",)),  # x.addcmul_ after rms_norm(x)
     Family("cosmos_predict2", "CosmosT2IPredict2", dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240,
                                                         max_frames=128, in_channels=16, out_channels=16,
                                                         patch_spatial=2, patch_temporal=1, concat_padding_mask=True,
@@ -101,7 +109,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                                         crossattn_emb_channels=32, pos_emb_cls="rope3d",
                                                         pos_emb_learnable=True, pos_emb_interpolation="crop",
                                                         min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16),
-           (16, 1, 8, 8), (6, 32), prediction="x0"),
+           (16, 1, 8, 8), (6, 32), prediction="x0",
+           untrainable_on=("0.33.",)),  # its attention calls comfy_kitchen's rms_rope kernel even in training
     Family("wan21_t2v", "WAN21_T2V", _WAN, (16, 2, 8, 8), (6, 32)),
     Family("wan21_i2v", "WAN21_I2V", {**_WAN, "model_type": "i2v", "in_dim": 36}, (16, 2, 8, 8), (6, 32),
            concat_latent=True),
@@ -118,6 +127,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                         n_double_layers=1, n_heads=2, global_conddim=64, cond_seq_dim=32, max_seq=64),
            (4, 8, 8), (6, 32)),
 ]}  # fmt: skip
+
+
+def comfy_version() -> str:
+    """The version of the ComfyUI this process imported."""
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except ImportError:
+        return "unknown"
 
 
 def available(name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_ROOT = ROOT / ".comfyui" / "ComfyUI"
+# LORALAB_COMFY_DIR: another ComfyUI tree (run pytest with that ComfyUI's Python too)
+COMFYUI_ROOT = Path(os.environ.get("LORALAB_COMFY_DIR") or ROOT / ".comfyui" / "ComfyUI").resolve()
 PACK = "loralab_pack"
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.autograd_safe import autograd_safe, rewritten_count
-from training.checkpointing import gradient_checkpointing
+from training.checkpointing import InPlaceError, gradient_checkpointing
 
 
 class PreNormBlock(nn.Module):
@@ -159,3 +159,46 @@ def test_other_threads_and_later_code_keep_the_native_op():
     alias = t
     t += 1
     assert alias is t
+
+
+class ExplicitInPlaceBlock(nn.Module):
+    """LTX-Video's block shape (ComfyUI 0.3.75 / 0.33): ``x.addcmul_(...)`` after rms_norm used x;
+    ``fresh`` writes in place only into a tensor nothing has used yet (Flux's RoPE does that)."""
+
+    def __init__(self, dim: int, fresh: bool):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.fresh = fresh
+
+    def forward(self, x):
+        if self.fresh:
+            out = torch.tanh(x) * 2
+            out.add_(1)
+            return x + self.proj(out)
+        x = x * 1.0  # a tensor of the block's own (writing into its input is refused by a version check)
+        y = self.proj(torch.nn.functional.rms_norm(x, (x.shape[-1],)))
+        x.addcmul_(y, torch.tanh(y))
+        return x
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_checkpointing_refuses_blocks_that_write_into_tensors_they_used(fresh):
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.blocks = nn.ModuleList(ExplicitInPlaceBlock(8, fresh) for _ in range(3))
+
+    def run(checkpointing):
+        net.zero_grad(set_to_none=True)
+        with gradient_checkpointing(net, checkpointing), autograd_safe():
+            h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            for b in net.blocks:
+                h = b(h)
+            h.square().mean().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    if fresh:  # harmless in-place writes: trains, same gradients as without checkpointing
+        for a, b in zip(run(True), run(False), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:  # refused on the first pass instead of silently wrong gradients
+        with pytest.raises(InPlaceError, match="ExplicitInPlaceBlock.*set gradient_checkpointing off"):
+            run(True)

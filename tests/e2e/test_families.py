@@ -1,0 +1,112 @@
+"""Every model family ComfyUI trains, through a real server: the tiny model of each family
+(``tests/comfy_testkit``, ComfyUI's own model classes) trains with LoRA, LoHa and LoKr, in fp32 and
+bf16 and on an fp8-stored base; 30 steps on learnable data lower the denoising loss at fixed noise;
+and the saved file applied by stock ``LoraLoaderModelOnly`` gives exactly ``model_with_lora``'s
+output, with no "lora key not loaded" line. A family this ComfyUI lacks is skipped with its name."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from harness.server import TESTKIT_DIR
+from tests.e2e.graphs import (
+    LORA_OUT,
+    MODEL_OUT,
+    Graph,
+    assert_loss_per_step,
+    denoise_value,
+    run_logged,
+    run_ok,
+    saved_lora,
+)
+
+sys.path.insert(0, str(TESTKIT_DIR))
+from families import FAMILIES  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+TINY = "LoraLabTest_TinyFamily"
+# (algorithm, training_dtype, weight_dtype of the base) of the short runs beside the 30-step LoRA
+SHORT_RUNS = [
+    ("LoHa", "fp32", "default"),
+    ("LoKr", "fp32", "default"),
+    ("LoRA", "bf16", "default"),
+    ("LoHa", "bf16", "default"),
+    ("LoKr", "bf16", "default"),
+    ("LoRA", "bf16", "fp8_e4m3fn"),
+    ("LoHa", "fp32", "fp8_e4m3fn"),
+    ("LoKr", "bf16", "fp8_e4m3fn"),
+]
+
+
+def _tiny(g: Graph, family: str, weight_dtype: str = "default"):
+    return g.add(TINY, family=family, weight_dtype=weight_dtype, seed=0, count=2)
+
+
+def _require(comfy_server, family: str) -> bool:
+    """Skip a family this ComfyUI lacks; False where its model code is known to be untrainable here
+    (the test then checks that the trainer says so)."""
+    options = comfy_server.object_info[TINY]["input"]["required"]["family"][0]
+    if family not in options:
+        pytest.skip(f"this ComfyUI has no {FAMILIES[family].model_class} model class ({family})")
+    version = comfy_server.client.system_stats()["system"]["comfyui_version"]
+    return FAMILIES[family].trainable_on(version)
+
+
+def _assert_refused(comfy_server, g: Graph) -> None:
+    result = comfy_server.client.run(g.prompt, timeout=300)
+    assert result.status != "success"
+    assert "cannot be trained here" in result.error_message or "gradient_checkpointing" in result.error_message, (
+        result.error_message
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_learns_and_its_file_applies_like_model_with_lora(comfy_server, family):
+    trainable = _require(comfy_server, family)
+    g = Graph()
+    tiny = _tiny(g, family)
+    before = g.denoise_loss(tiny[0], tiny[1], tiny[2])
+    trainer = g.train(tiny[0], tiny[1], tiny[2], steps=30, learning_rate=0.002, rank=4, training_dtype="fp32",
+                      lora_dtype="fp32", gradient_checkpointing=FAMILIES[family].checkpointing_exact)  # fmt: skip
+    after = g.denoise_loss(trainer[MODEL_OUT], tiny[1], tiny[2])
+    save = g.save_lora(trainer[LORA_OUT], f"families/{family}")
+    if not trainable:
+        return _assert_refused(comfy_server, g)
+    result = run_ok(comfy_server.client, g.prompt)
+    loss_before, loss_after = denoise_value(result, before), denoise_value(result, after)
+    assert loss_after < loss_before, (family, loss_before, loss_after)
+
+    name, _ = saved_lora(result, save)
+    g2 = Graph()
+    tiny2 = _tiny(g2, family)
+    applied = g2.denoise_loss(g2.lora_loader(tiny2[0], name), tiny2[1], tiny2[2])
+    result2, log = run_logged(comfy_server, g2.prompt)
+    assert result2.status == "success", result2.error_message
+    assert "lora key not loaded" not in log.lower(), log
+    assert denoise_value(result2, applied) == pytest.approx(loss_after, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_every_algorithm_in_fp32_bf16_and_on_an_fp8_base(comfy_server, family):
+    trainable = _require(comfy_server, family)
+    g = Graph()
+    bases = {dtype: _tiny(g, family, dtype) for dtype in ("default", "fp8_e4m3fn")}
+    trainers = []
+    for algorithm, training_dtype, weight_dtype in SHORT_RUNS:
+        tiny = bases[weight_dtype]
+        trainer = g.train(tiny[0], tiny[1], tiny[2], steps=3, rank=4, algorithm=algorithm,
+                          training_dtype=training_dtype, lora_dtype=training_dtype,
+                          gradient_checkpointing=FAMILIES[family].checkpointing_exact)  # fmt: skip
+        g.denoise_loss(trainer[MODEL_OUT], tiny[1], tiny[2], levels=2)  # an output node, and the model runs
+        trainers.append(trainer)
+    if not trainable:
+        return _assert_refused(comfy_server, g)
+    result = run_ok(comfy_server.client, g.prompt, timeout=600)
+    for run, trainer in zip(SHORT_RUNS, trainers, strict=True):
+        try:
+            assert_loss_per_step(result, trainer, 3)  # every step ran, every loss finite and positive
+        except AssertionError as exc:
+            raise AssertionError(f"{family} {run}: {exc}") from exc

@@ -1,0 +1,122 @@
+"""Per family, in-process on the checkout's ComfyUI (the tiny models of tests/comfy_testkit): the
+objective is the family's own target, gradient checkpointing wraps the family's repeated blocks and
+gives the same gradients with less saved-activation memory, and the layer presets pick the family's
+attention (and MLP) layers."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+
+from harness.server import TESTKIT_DIR
+
+sys.path.insert(0, str(TESTKIT_DIR))
+from families import FAMILIES  # noqa: E402
+
+from lora.inject import AdapterSet, find_targets, frozen, target_excludes, target_patterns  # noqa: E402
+from training.autograd_safe import autograd_safe  # noqa: E402
+from training.checkpointing import InPlaceError, gradient_checkpointing, repeated_blocks  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cm(comfy_glue):
+    return comfy_glue("comfy_model")
+
+
+@pytest.fixture(scope="module")
+def families(cm):
+    import families as fam_module
+
+    return fam_module
+
+
+def _build(families, name):
+    if not families.available(name):
+        pytest.skip(f"this ComfyUI has no {FAMILIES[name].model_class} model class")
+    return families.build_model(name)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_objective_is_the_familys_own_target(cm, families, name):
+    patcher = _build(families, name)
+    assert cm.prediction_type(patcher.get_model_object("model_sampling")) == FAMILIES[name].prediction
+
+
+def _grads_and_saved_bytes(cm, families, name, checkpointing: bool):
+    patcher = families.build_model(name)
+    latents, conditioning = families.make_data(name, count=1)
+    with cm.training_mode():
+        samples = cm.build_samples(patcher, [latents], [conditioning], CPU)
+        net = patcher.model.diffusion_model
+        adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in adapters.trainable_parameters():  # both factors non-zero: every layer gets a gradient
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        predict = cm.make_predict_x0(patcher)
+        x0 = samples[0].latent[None]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        sigma = torch.tensor([0.6])
+        with frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing) as patched, autograd_safe():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = predict(x0 + 0.6 * noise, sigma, samples[0].cond)
+            out.square().mean().backward()
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in adapters.trainable_parameters()]
+    return grads, saved[0], patched
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_checkpointing_wraps_the_blocks_with_equal_gradients_and_less_saved_memory(cm, families, name):
+    _build(families, name)
+    fam = FAMILIES[name]
+    if not fam.trainable_on(families.comfy_version()):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation|no autograd formula|in-place"):
+            _grads_and_saved_bytes(cm, families, name, False)
+        return
+    if not fam.checkpointing_exact:  # refused on the first pass, never silently wrong
+        with pytest.raises(InPlaceError, match="set gradient_checkpointing off"):
+            _grads_and_saved_bytes(cm, families, name, True)
+        _grads_and_saved_bytes(cm, families, name, False)  # and trains without it
+        return
+    plain, plain_bytes, _ = _grads_and_saved_bytes(cm, families, name, False)
+    ckpt, ckpt_bytes, patched = _grads_and_saved_bytes(cm, families, name, True)
+    assert patched >= 2, f"{name}: {patched} repeated blocks found"
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in plain)
+    assert ckpt_bytes < plain_bytes, (name, ckpt_bytes, plain_bytes)
+
+
+ATTENTION_PART = re.compile(r"(attn|attention)", re.IGNORECASE)
+MLP_PART = re.compile(r"(mlp|ff\b|ff\.|ffn|feed_forward|linear1|linear2)")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_layer_presets_pick_the_familys_attention_and_mlp_layers(families, name):
+    net = _build(families, name).model.diffusion_model
+
+    def pick(preset):
+        return set(find_targets(net, target_patterns(preset), target_excludes(preset)))
+
+    everything, attention, attention_mlp = pick("all"), pick("attention"), pick("attention_mlp")
+    assert attention, f"{name}: the attention preset picks nothing"
+    for path in attention:
+        assert ATTENTION_PART.search(path) or re.search(r"single_blocks\.\d+\.linear[12]$", path), path
+        assert "modulation" not in path and "embed" not in path, path
+    assert attention < attention_mlp <= everything, name
+    for path in attention_mlp - attention:
+        assert MLP_PART.search(path), path
+    # every repeated block that has attention contributes its attention layers
+    blocks = {id(b) for b in repeated_blocks(net)}
+    with_attention = {path.rsplit(".", 1)[0] for path in attention}
+    assert with_attention and blocks
