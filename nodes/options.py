@@ -42,10 +42,11 @@ class TrainingOptions(io.ComfyNode):
                 io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, tooltip="Min-SNR-gamma loss weighting for eps / v models; 0 = off (5 is common)."),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Offset noise strength (helps very dark / bright images); 0 = off."),
                 io.Int.Input("save_every", default=0, min=0, max=100000, tooltip="Save a checkpoint (LoRA + exact-resume state) every N steps; 0 = never."),
+                io.String.Input("checkpoint_prefix", default="loralab/checkpoints/lora", tooltip="File-name prefix of checkpoints, inside the loras folder."),
+                # Last: saved UI workflows list widget values by position, so new widgets go at the end.
                 io.Int.Input("keep_checkpoints", default=DEFAULTS.keep_checkpoints, min=0, max=100000,
                              tooltip="Checkpoints of this run kept on disk: after each new one, the oldest beyond this number "
                              "(its LoRA file and .lorastate) is deleted. Files of other runs are never touched; 0 = keep all."),
-                io.String.Input("checkpoint_prefix", default="loralab/checkpoints/lora", tooltip="File-name prefix of checkpoints, inside the loras folder."),
             ],
             outputs=[io.Custom(OPTIONS_TYPE).Output(display_name="options", tooltip="Connect to the options input of Train LoRA (LoRA Lab).")],
         )
