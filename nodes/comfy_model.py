@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import comfy.model_management
@@ -252,12 +254,12 @@ def materialize_inference_tensors(module: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def training_mode() -> Iterator[None]:
-    """Grad on inside ComfyUI's inference_mode executor, and model_management.in_training set where
-    this ComfyUI has it (some models check it)."""
+    """Grad on inside ComfyUI's inference_mode executor, model_management.in_training set where
+    this ComfyUI has it (some models check it), and fused kernels differentiable (see below)."""
     mm = comfy.model_management
     had = hasattr(mm, "in_training")
     old = getattr(mm, "in_training", None)
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), differentiable_kernels():
         try:
             if had:
                 mm.in_training = True
@@ -265,3 +267,62 @@ def training_mode() -> Iterator[None]:
         finally:
             if had:
                 mm.in_training = old
+
+
+_kernels = threading.local()
+_kernels_lock = threading.Lock()
+_kernels_users = 0
+_kernels_saved: dict[str, object] = {}
+
+
+def _graph_call(args, kwargs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())
+    )
+
+
+def _routed(native, reference):
+    @functools.wraps(native)
+    def call(*args, **kwargs):
+        if getattr(_kernels, "depth", 0) and _graph_call(args, kwargs):
+            return reference(*args, **kwargs)
+        return native(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Newer ComfyUI calls comfy_kitchen's fused kernels (RoPE, RMSNorm + RoPE, adaLN) from model code,
+    in places its own training switch does not reach (Cosmos Predict2's attention); those kernels have
+    no autograd formula, so backward fails. Within the block, on this thread, a call of such a function
+    with tensors that take part in autograd runs comfy_kitchen's own eager implementation of the same
+    function instead (plain PyTorch: the library's reference for its kernels), which autograd can
+    differentiate. Calls without grad, and every other thread, keep the fused kernel. Feature-detected:
+    nothing happens where comfy_kitchen or its eager backend is absent (ComfyUI 0.3.x)."""
+    global _kernels_users
+    try:
+        import comfy_kitchen
+        from comfy_kitchen.backends import eager
+    except ImportError:
+        yield
+        return
+    with _kernels_lock:
+        if _kernels_users == 0:
+            for name in getattr(eager, "__all__", ()):
+                native, reference = getattr(comfy_kitchen, name, None), getattr(eager, name, None)
+                if callable(native) and callable(reference):
+                    _kernels_saved[name] = native
+                    setattr(comfy_kitchen, name, _routed(native, reference))
+        _kernels_users += 1
+    _kernels.depth = getattr(_kernels, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _kernels.depth -= 1
+        with _kernels_lock:
+            _kernels_users -= 1
+            if _kernels_users == 0:
+                for name, native in _kernels_saved.items():
+                    setattr(comfy_kitchen, name, native)
+                _kernels_saved.clear()

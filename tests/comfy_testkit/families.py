@@ -41,7 +41,7 @@ class Family:
     # Known limits, as measured (the trainer refuses these with a message, never trains them wrongly):
     # its blocks write in place into tensors they used, so gradient checkpointing refuses them
     checkpointing_exact: bool = True
-    untrainable_on: tuple[str, ...] = ()  # ComfyUI version prefixes whose model code autograd refuses
+    untrainable_on: tuple[str, ...] = ()  # ComfyUI version prefixes whose model code autograd refuses ("": all)
 
     def trainable_on(self, comfy_version: str) -> bool:
         return not any(comfy_version.startswith(p) for p in self.untrainable_on)
@@ -101,7 +101,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("ltxv", "LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
                                 num_attention_heads=2, caption_channels=32, num_layers=2),
            (128, 2, 4, 4), (6, 32), extras={"frame_rate": 25, "attention_mask": torch.ones(1, 6)},
-           checkpointing_exact=False, untrainable_on=("0.3.",)),  # x.addcmul_ after rms_norm(x)
+           # its block ends with x.addcmul_(ff(rms_norm(x)), gate): an explicit in-place write into a
+           # tensor rms_norm kept for backward, in 0.3.75 and 0.33.0 alike
+           checkpointing_exact=False, untrainable_on=("",)),
     Family("cosmos_predict2", "CosmosT2IPredict2", dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240,
                                                         max_frames=128, in_channels=16, out_channels=16,
                                                         patch_spatial=2, patch_temporal=1, concat_padding_mask=True,
@@ -109,8 +111,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                                         crossattn_emb_channels=32, pos_emb_cls="rope3d",
                                                         pos_emb_learnable=True, pos_emb_interpolation="crop",
                                                         min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16),
-           (16, 1, 8, 8), (6, 32), prediction="x0",
-           untrainable_on=("0.33.",)),  # its attention calls comfy_kitchen's rms_rope kernel even in training
+           (16, 1, 8, 8), (6, 32), prediction="x0"),
     Family("wan21_t2v", "WAN21_T2V", _WAN, (16, 2, 8, 8), (6, 32)),
     Family("wan21_i2v", "WAN21_I2V", {**_WAN, "model_type": "i2v", "in_dim": 36}, (16, 2, 8, 8), (6, 32),
            concat_latent=True),

@@ -28,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TINY = [p for p in EXAMPLES if p.name.startswith("loralab_tiny_")]
 BIG = [p for p in EXAMPLES if not p.name.startswith("loralab_tiny_")]
+MODEL_LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader"}
 MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
 CONTINUE_FROM = "loralab/tiny_sd3_40_steps_00001.safetensors"  # what loralab_tiny_sd3_lora.json writes first
 IMAGE_FOLDER = "loralab_images"  # the folder the image-folder examples read
@@ -62,7 +63,9 @@ def image_folder(comfy_server) -> pathlib.Path:
 def test_there_are_tiny_and_big_examples():
     names = {p.name for p in EXAMPLES}
     assert {"loralab_tiny_sd3_lora.json", "loralab_tiny_sd3_continue.json", "loralab_tiny_sd3_loha_lokr.json",
-            "loralab_sd15_image_folder.json", "loralab_sdxl_image_folder.json", "loralab_sd3_image_folder.json"} <= names
+            "loralab_sd15_image_folder.json", "loralab_sdxl_image_folder.json", "loralab_sd3_image_folder.json",
+            "loralab_flux_dev_image_folder.json", "loralab_qwen_image_image_folder.json",
+            "loralab_z_image_image_folder.json", "loralab_wan22_5b_image_folder.json"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
@@ -141,7 +144,7 @@ def test_big_example_is_refused_only_for_missing_model_files(comfy_server, image
     node_errors = info.value.node_errors
     assert info.value.status == 400 and node_errors, info.value
     for node_id, entry in node_errors.items():
-        assert api[node_id]["class_type"] in {"CheckpointLoaderSimple", "UNETLoader", "TripleCLIPLoader", "VAELoader"}, entry
+        assert api[node_id]["class_type"] in MODEL_LOADERS, entry
         for err in entry["errors"]:
             assert err["type"] == "value_not_in_list", err
             assert err["extra_info"]["input_name"] in MODEL_FILE_INPUTS, err
