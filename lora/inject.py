@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 # Glob patterns on module paths (relative to the diffusion model) per preset. Names as ComfyUI builds
 # them: MMDiT / AuraFlow attn, SD UNet attn1/attn2/ff.net, Flux / HunyuanVideo img_attn / txt_attn /
 # img_mlp / txt_mlp and single_blocks linear1 (fused qkv + mlp in) / linear2, Wan / Cosmos self_attn /
-# cross_attn / ffn / mlp, Lumina 2 / Z-Image attention / feed_forward, Qwen-Image attn / img_mlp.
+# cross_attn / ffn / mlp, Lumina 2 / Z-Image attention / feed_forward, Qwen-Image attn / img_mlp, HiDream
+# attn1 / ff_i (mixture of experts) / ff_t.
 ATTENTION_PATTERNS = ("*attn*", "*attention.*", "*single_blocks.*.linear1", "*single_blocks.*.linear2")
 # MLPs of the repeated blocks only, not the timestep / pooled-text embedder MLPs (t_embedder.mlp...).
-MLP_PATTERNS = ("*blocks.*mlp*", "*layers.*mlp*", "*ff.net*", "*blocks.*.ff.*", "*blocks.*ffn*",
+MLP_PATTERNS = ("*blocks.*mlp*", "*layers.*mlp*", "*ff.net*", "*blocks.*.ff.*", "*blocks.*.ff_*", "*blocks.*ffn*",
                 "*blocks.*feed_forward*", "*layers.*feed_forward*")  # fmt: skip
 # Never part of a preset: adaptive-norm modulation projections whose names mention attention
 # (Cosmos adaln_modulation_self_attn).

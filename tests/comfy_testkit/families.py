@@ -36,6 +36,7 @@ class Family:
     extras: dict[str, Any] = field(default_factory=dict)  # conditioning values beside the tensors
     reference_latent: bool = False  # edit models: the source latent travels in the conditioning
     concat_latent: bool = False  # Wan i2v: the start frame latent as concat_latent_image
+    llama_layers: int = 0  # HiDream: Llama hidden states of this many layers as conditioning_llama3
     prediction: str = "flow"  # the target the family trains on: eps, v, flow (x0 where EDM)
     v_prediction: bool = False  # SD2 768-v: the UNet with v-prediction sampling
     # Known limits, as measured (the trainer refuses these with a message, never trains them wrongly):
@@ -85,6 +86,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("flux_schnell", "FluxSchnell", {**_FLUX, "guidance_embed": False}, (16, 8, 8), (6, 32), pooled=32),
     Family("flux_kontext", "Flux", _FLUX, (16, 8, 8), (6, 32), pooled=32, extras={"guidance": 2.5},
            reference_latent=True),
+    Family("flux2", "Flux2", dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                                  context_in_dim=32, hidden_size=64, mlp_ratio=3.0, num_heads=4, depth=1,
+                                  depth_single_blocks=1, axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1,
+                                  qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True,
+                                  ops_bias=False, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3]),
+           (128, 4, 4), (6, 32), extras={"guidance": 4.0}),
     Family("chroma", "Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32,
                                     hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
                                     axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, in_dim=64,
@@ -124,6 +131,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                  "ffn_dim_multiplier": 8.0 / 3.0, "n_layers": 1, "z_image_modulation": True,
                                  "time_scale": 1000.0, "pad_tokens_multiple": 8},
            (16, 8, 8), (6, 32)),
+    Family("hidream", "HiDream", dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                                      num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                      caption_channels=[32, 32], text_emb_dim=32, num_routed_experts=2,
+                                      num_activated_experts=1, axes_dims_rope=(8, 4, 4), max_resolution=(32, 32),
+                                      llama_layers=[0, 1]),
+           (16, 8, 8), (6, 32), pooled=32, llama_layers=2),
     Family("auraflow", "AuraFlow", dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=2,
                                         n_double_layers=1, n_heads=2, global_conddim=64, cond_seq_dim=32, max_seq=64),
            (4, 8, 8), (6, 32)),
@@ -237,6 +250,8 @@ def make_data(name: str, count: int = 2, seed: int = 0) -> tuple[dict, list]:
         opts["pooled_output"] = torch.randn(1, fam.pooled, generator=gen) if fam.pooled else None
         if fam.reference_latent:
             opts["reference_latents"] = [torch.roll(samples[i : i + 1], shifts=1, dims=-1)]
+        if fam.llama_layers:
+            opts["conditioning_llama3"] = torch.randn(1, fam.llama_layers, tokens, width, generator=gen)
         if fam.concat_latent:
             opts["concat_latent_image"] = samples[i : i + 1, :, :1].expand(-1, -1, samples.shape[2], -1, -1).clone()
         conditioning.append([torch.randn(1, tokens, width, generator=gen), opts])

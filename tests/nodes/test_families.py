@@ -100,7 +100,7 @@ def test_checkpointing_wraps_the_blocks_with_equal_gradients_and_less_saved_memo
 
 
 ATTENTION_PART = re.compile(r"(attn|attention)", re.IGNORECASE)
-MLP_PART = re.compile(r"(mlp|ff\b|ff\.|ffn|feed_forward|linear1|linear2)")
+MLP_PART = re.compile(r"(mlp|ff\b|ff\.|ff_[a-z]\.|ffn|feed_forward|linear1|linear2)")
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
