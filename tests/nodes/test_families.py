@@ -122,3 +122,21 @@ def test_layer_presets_pick_the_familys_attention_and_mlp_layers(families, name)
     blocks = {id(b) for b in repeated_blocks(net)}
     with_attention = {path.rsplit(".", 1)[0] for path in attention}
     assert with_attention and blocks
+
+
+@pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video"])
+def test_video_latents_of_different_frame_counts_train_in_one_run(comfy_glue, families, name):
+    """Clips of 1, 2 and 3 latent frames in one run: each micro-batch holds one shape."""
+    train_mod = comfy_glue("train")
+    from training.config import TrainConfig
+
+    patcher = _build(families, name)
+    latents, positive = [], []
+    for frames in (1, 2, 3):
+        lat, cond = families.make_data(name, count=2, seed=frames)
+        lat["samples"] = lat["samples"][:, :, :1].expand(-1, -1, frames, -1, -1).clone()
+        latents.append(lat)
+        positive.append(cond)
+    config = TrainConfig(steps=4, batch_size=2, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32")
+    _, losses, total = train_mod.train(patcher, latents, positive, config, "[None]", None, "loralab/test")
+    assert total == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

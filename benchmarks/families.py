@@ -1,0 +1,112 @@
+"""Every model family's tiny model (tests/comfy_testkit) trained in-process by the pack's train(), the
+way the node runs it: denoising loss at fixed noise before and after, speed, and saved-activation
+memory of one forward with gradient checkpointing off and on. Prints a markdown table.
+
+    .venv/bin/python benchmarks/families.py [--steps 30] [--comfy-dir DIR] [--family NAME ...]
+
+With --comfy-dir run it with that ComfyUI's own Python (e.g. the newest release's venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load(comfy_dir: pathlib.Path):
+    sys.path.append(str(comfy_dir))
+    sys.path.insert(0, str(ROOT / "tests" / "comfy_testkit"))
+    sys.path.insert(0, str(ROOT))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    spec = importlib.util.spec_from_file_location("loralab_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["loralab_pack"] = pack
+    spec.loader.exec_module(pack)
+    import loralab_pack.nodes.train as train_mod
+
+    return train_mod
+
+
+def saved_bytes(cm, patcher, samples, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward during one forward (adapters attached, as in training)."""
+    import torch
+
+    from lora.inject import AdapterSet, find_targets, frozen
+    from training.autograd_safe import autograd_safe
+    from training.checkpointing import gradient_checkpointing
+
+    net = patcher.model.diffusion_model
+    adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    x0 = samples[0].latent[None]
+    with cm.training_mode(), frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing), autograd_safe():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cm.make_predict_x0(patcher)(x0 * 0.5, torch.tensor([0.5]), samples[0].cond)
+    return total[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--comfy-dir", type=pathlib.Path, default=ROOT / ".comfyui" / "ComfyUI")
+    ap.add_argument("--family", nargs="*")
+    args = ap.parse_args()
+    train_mod = load(args.comfy_dir.resolve())
+    import comfy.sd
+    import families as fam
+    import torch
+
+    from training.config import TrainConfig
+    from training.loop import evaluate_denoise_loss
+
+    cm = train_mod.cm
+    cpu = torch.device("cpu")
+    version = fam.comfy_version()
+    print(f"ComfyUI {version}, torch {torch.__version__}, {os.cpu_count()} CPUs, {args.steps} steps, LoRA rank 4, fp32\n")
+    print("| family | ComfyUI class | params | loss before | after | after/before | steps/s | saved MiB ckpt off / on |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.family or list(fam.FAMILIES):
+        f = fam.FAMILIES[name]
+        if not fam.available(name):
+            print(f"| {name} | {f.model_class} | | not in this ComfyUI | | | | |")
+            continue
+        patcher = fam.build_model(name)
+        latents, conditioning = fam.make_data(name)
+        params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
+
+        def loss_of(model):
+            with cm.training_mode():
+                samples = cm.build_samples(model, [latents], [conditioning], cpu)
+                return evaluate_denoise_loss(cm.make_predict_x0(model), cm.objective_for(model), samples, cpu, 0, 8), samples
+
+        before, samples = loss_of(patcher)
+        if not f.trainable_on(version):
+            print(f"| {name} | {f.model_class} | {params / 1e6:.2f} M | {before:.4f} | refused: model code not differentiable here | | | |")
+            continue
+        cfg = TrainConfig(steps=args.steps, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32",
+                          gradient_checkpointing=f.checkpointing_exact)  # fmt: skip
+        t0 = time.perf_counter()
+        lora, _, _ = train_mod.train(patcher, [latents], [conditioning], cfg, "[None]", None, "loralab/bench")
+        speed = args.steps / (time.perf_counter() - t0)
+        after, _ = loss_of(comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0])
+        off = saved_bytes(cm, patcher, samples, False) / 2**20
+        on = saved_bytes(cm, patcher, samples, True) / 2**20 if f.checkpointing_exact else float("nan")
+        print(f"| {name} | {f.model_class} | {params / 1e6:.2f} M | {before:.4f} | {after:.4f} | {after / before:.2f} | "
+              f"{speed:.1f} | {off:.2f} / {on:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
