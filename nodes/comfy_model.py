@@ -13,8 +13,9 @@ import comfy.model_sampling
 import torch
 import torch.nn.functional as F
 
+from ..training.autograd_safe import writes_into_used_tensors
 from ..training.config import TrainConfig
-from ..training.data import Sample
+from ..training.data import Sample, collate
 from ..training.objective import Objective
 
 log = logging.getLogger("loralab")
@@ -122,6 +123,17 @@ def _owned(value):
     if isinstance(value, dict):
         return {k: _owned(v) for k, v in value.items()}
     return value
+
+
+def in_place_writes(patcher, sample: Sample, device: torch.device) -> str:
+    """Whether the model's code writes in place into a tensor it already used (an explicit in-place
+    op that autograd cannot train through), found by one forward pass without grad on ``sample``:
+    the op's name, or "" (most models)."""
+    x0, cond = collate([sample], [0], device)
+    sigma = torch.tensor([float(patcher.get_model_object("model_sampling").percent_to_sigma(0.5))], device=device)
+    predict = make_predict_x0(patcher)
+    floating = [t for t in (x0, *cond.values()) if torch.is_tensor(t) and t.is_floating_point()]
+    return writes_into_used_tensors(lambda: predict(x0, sigma, cond), floating)
 
 
 def make_predict_x0(patcher):

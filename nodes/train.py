@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
 from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_excludes, target_patterns
-from ..training.autograd_safe import autograd_safe
+from ..training.autograd_safe import autograd_safe, copy_on_write
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
@@ -130,6 +130,11 @@ def train(
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
         _prepare_clone(patcher, config, device)
         samples = cm.build_samples(patcher, latents, positive, device)
+        in_place = cm.in_place_writes(patcher, samples[0], device)
+        if in_place:
+            log.warning("LoRA Lab: this %s model's code writes in place into tensors it already used (%s); "
+                        "training keeps copies of what backward needs%s", type(patcher.model.model_config).__name__,
+                        in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         writer = _Writer(adapters, carried, config, type(patcher.model.model_config).__name__, len(samples),
                          loras_folder, checkpoint_prefix)  # fmt: skip
         bar = _Progress(config.steps, node_id)
@@ -137,8 +142,9 @@ def train(
             with (
                 frozen(diffusion),
                 adapters.attached(diffusion),
-                gradient_checkpointing(diffusion, config.gradient_checkpointing),
+                gradient_checkpointing(diffusion, config.gradient_checkpointing and not in_place),
                 autograd_safe(),
+                copy_on_write(bool(in_place)),
                 retained_heap(device.type == "cpu"),
             ):
                 result = run_training(

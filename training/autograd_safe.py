@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["autograd_safe", "rewritten_count"]
+__all__ = ["InPlaceWatch", "autograd_safe", "copy_on_write", "is_in_place", "rewritten_count", "writes_into_used_tensors"]
 
 _METHODS = {"__iadd__": torch.add, "__isub__": torch.sub, "__imul__": torch.mul, "__itruediv__": torch.div}
 _local = threading.local()
@@ -63,7 +65,11 @@ def _make(name: str, op):
                 )
             _local.rewritten = getattr(_local, "rewritten", 0) + 1
             return out
-        return native(self, other)
+        _local.native_augmented = True  # InPlaceWatch: not an explicit write (rewritten when it matters)
+        try:
+            return native(self, other)
+        finally:
+            _local.native_augmented = False
 
     augmented.__name__ = augmented.__qualname__ = name
     return augmented
@@ -110,3 +116,146 @@ def autograd_safe(enabled: bool = True) -> Iterator[None]:
     finally:
         _local.depth -= 1
         _uninstall()
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit in-place writes (``x.addcmul_(...)``, ``x[i] = ...``): these cannot be rewritten (the
+# caller may ignore the result), so a model whose code writes into a tensor an earlier op already
+# used (and may have kept for backward: LTX-Video's ``x.addcmul_(ff(rms_norm(x)), gate)``) is found
+# by a watch, and trained with copy-on-write of the tensors autograd keeps.
+
+
+def is_in_place(name: str) -> bool:
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
+class InPlaceWatch(TorchFunctionMode):
+    """Notes in ``found`` the first explicit in-place write into a tensor that takes part in the
+    computation and that an earlier op already used. With grad, "takes part" is autograd's own
+    ``requires_grad``; in a probe without grad (no activation memory) it is followed the same way
+    from the tensors given to :meth:`follow` (the model's inputs): an op's outputs take part when one
+    of its tensor arguments does. Augmented assignments do not count: while training they are
+    rewritten out of place. Costs a Python call per op: meant for one pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: dict[int, weakref.ref] = {}
+        self.followed: dict[int, weakref.ref] = {}
+        self.found = ""
+
+    @staticmethod
+    def _has(table: dict[int, weakref.ref], t: torch.Tensor) -> bool:
+        ref = table.get(id(t))
+        return ref is not None and ref() is t
+
+    def follow(self, *tensors) -> None:
+        for t in _tensors(tensors):
+            self.followed[id(t)] = weakref.ref(t)
+
+    def _part(self, t: torch.Tensor) -> bool:
+        if torch.is_grad_enabled():
+            return t.requires_grad
+        return self._has(self.followed, t) or (t._base is not None and self._has(self.followed, t._base))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = _tensors((args, kwargs))
+        if is_in_place(getattr(func, "__name__", "")) and inputs:
+            target = inputs[0]
+            if (
+                not self.found
+                and not getattr(_local, "native_augmented", False)
+                and self._part(target)
+                and (self._has(self.used, target) or (target._base is not None and self._has(self.used, target._base)))
+            ):
+                self.found = func.__name__
+            out = func(*args, **kwargs)
+            if not torch.is_grad_enabled() and any(self._part(t) for t in inputs[1:]):
+                self.follow(target)
+            return out
+        taking_part = [t for t in inputs if self._part(t)]
+        for t in taking_part:
+            self.used[id(t)] = weakref.ref(t)
+        out = func(*args, **kwargs)
+        if taking_part and not torch.is_grad_enabled():
+            self.follow(out)
+        return out
+
+
+def _tensors(value, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in a value (nested lists, tuples and dicts, a few levels deep)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v, depth + 1)]
+    if depth < 3 and isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v, depth + 1)]
+    return []
+
+
+def writes_into_used_tensors(forward, inputs) -> str:
+    """Run ``forward()`` once without grad, following ``inputs`` (the latent and the conditioning)
+    through the model under an InPlaceWatch and the augmented-assignment rule: the in-place op that
+    wrote into a used tensor derived from them, or "" when the model code never does."""
+    with torch.no_grad(), autograd_safe(), InPlaceWatch() as watch:
+        watch.follow(inputs)
+        forward()
+    return watch.found
+
+
+class _Held:
+    """A tensor autograd keeps for backward; replaced by a copy before anyone writes into it."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _CopyOnWrite(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: dict[int, weakref.WeakSet] = {}  # storage address -> holders of tensors kept on it
+        self.packed = 0
+
+    @staticmethod
+    def _address(t: torch.Tensor) -> int:
+        try:
+            return t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage: never written here
+            return 0
+
+    def pack(self, t: torch.Tensor) -> _Held:
+        held = _Held(t)
+        address = self._address(t)
+        if address:
+            self.kept.setdefault(address, weakref.WeakSet()).add(held)
+        self.packed += 1
+        if self.packed % 4096 == 0:  # storages whose tensors backward has released
+            self.kept = {a: h for a, h in self.kept.items() if len(h)}
+        return held
+
+    @staticmethod
+    def unpack(held: _Held) -> torch.Tensor:
+        return held.t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if is_in_place(getattr(func, "__name__", "")) and args and isinstance(args[0], torch.Tensor):
+            holders = self.kept.pop(self._address(args[0]), None)
+            for held in list(holders or ()):
+                held.t = held.t.clone()
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def copy_on_write(enabled: bool = True) -> Iterator[None]:
+    """Within the block (this thread), every tensor autograd keeps for backward is copied just before
+    an in-place op writes into its storage, so backward sees the values the forward used. For models
+    found by writes_into_used_tensors only: it costs a Python call per op and turns off autograd's own
+    in-place checks (this takes their place)."""
+    if not enabled:
+        yield
+        return
+    mode = _CopyOnWrite()
+    with torch.autograd.graph.saved_tensors_hooks(mode.pack, mode.unpack), mode:
+        yield

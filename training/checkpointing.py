@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .autograd_safe import autograd_safe
+from .autograd_safe import InPlaceWatch, autograd_safe
 
 
 def repeated_blocks(root: nn.Module) -> list[nn.Module]:
@@ -125,10 +123,10 @@ def _probed_call(forward, *args, **kwargs):
     to a tensor an earlier op of the block already used: that op may have kept it for backward, and a
     recomputation would then see the written values. Only the first pass with grad is watched (the
     model code is the same on every pass); the watch costs a Python call per op."""
-    with _InPlaceWatch() as watch:
+    with InPlaceWatch() as watch:
         out = _autograd_safe_call(forward, *args, **kwargs)
     if watch.found:
-        raise InPlaceError(watch.block_name(forward), f"write into a tensor they already used ({watch.found})")
+        raise InPlaceError(_block_name(forward), f"write into a tensor they already used ({watch.found})")
     return out
 
 
@@ -144,34 +142,6 @@ class InPlaceError(RuntimeError):
         )
 
 
-class _InPlaceWatch(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.used: dict[int, weakref.ref] = {}
-        self.found = ""
-
-    def _was_used(self, t: torch.Tensor) -> bool:
-        for candidate in (t, t._base):
-            if candidate is not None:
-                ref = self.used.get(id(candidate))
-                if ref is not None and ref() is candidate:
-                    return True
-        return False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        in_place = name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
-        if in_place and args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
-            if not self.found and self._was_used(args[0]):
-                self.found = name
-        else:
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, torch.Tensor) and a.requires_grad:
-                    self.used[id(a)] = weakref.ref(a)
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def block_name(forward) -> str:
-        owner = getattr(forward, "__self__", None)
-        return type(owner).__name__ if owner is not None else "repeated"
+def _block_name(forward) -> str:
+    owner = getattr(forward, "__self__", None)
+    return type(owner).__name__ if owner is not None else "repeated"

@@ -39,13 +39,9 @@ class Family:
     llama_layers: int = 0  # HiDream: Llama hidden states of this many layers as conditioning_llama3
     prediction: str = "flow"  # the target the family trains on: eps, v, flow (x0 where EDM)
     v_prediction: bool = False  # SD2 768-v: the UNet with v-prediction sampling
-    # Known limits, as measured (the trainer refuses these with a message, never trains them wrongly):
-    # its blocks write in place into tensors they used, so gradient checkpointing refuses them
-    checkpointing_exact: bool = True
-    untrainable_on: tuple[str, ...] = ()  # ComfyUI version prefixes whose model code autograd refuses ("": all)
-
-    def trainable_on(self, comfy_version: str) -> bool:
-        return not any(comfy_version.startswith(p) for p in self.untrainable_on)
+    # its code writes in place into tensors it already used: the trainer finds that before training and
+    # trains it with copy-on-write of what backward needs, without gradient checkpointing
+    in_place_writes: bool = False
 
 
 def _unet(**kw) -> dict:
@@ -109,8 +105,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                 num_attention_heads=2, caption_channels=32, num_layers=2),
            (128, 2, 4, 4), (6, 32), extras={"frame_rate": 25, "attention_mask": torch.ones(1, 6)},
            # its block ends with x.addcmul_(ff(rms_norm(x)), gate): an explicit in-place write into a
-           # tensor rms_norm kept for backward, in 0.3.75 and 0.33.0 alike
-           checkpointing_exact=False, untrainable_on=("",)),
+           # tensor rms_norm kept for backward (0.3.75 and 0.33.0): trained with copy-on-write, unchecked
+           in_place_writes=True),
     Family("cosmos_predict2", "CosmosT2IPredict2", dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240,
                                                         max_frames=128, in_channels=16, out_channels=16,
                                                         patch_spatial=2, patch_temporal=1, concat_padding_mask=True,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(TESTKIT_DIR))
 from families import FAMILIES  # noqa: E402
 
 from lora.inject import AdapterSet, find_targets, frozen, target_excludes, target_patterns  # noqa: E402
-from training.autograd_safe import autograd_safe  # noqa: E402
+from training.autograd_safe import autograd_safe, copy_on_write  # noqa: E402
 from training.checkpointing import InPlaceError, gradient_checkpointing, repeated_blocks  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -47,49 +47,83 @@ def test_objective_is_the_familys_own_target(cm, families, name):
     assert cm.prediction_type(patcher.get_model_object("model_sampling")) == FAMILIES[name].prediction
 
 
-def _grads_and_saved_bytes(cm, families, name, checkpointing: bool):
+def _setup(cm, families, name):
     patcher = families.build_model(name)
     latents, conditioning = families.make_data(name, count=1)
+    samples = cm.build_samples(patcher, [latents], [conditioning], CPU)
+    net = patcher.model.diffusion_model
+    adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in adapters.trainable_parameters():  # both factors non-zero: every layer gets a gradient
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    x0 = samples[0].latent[None]
+    x_t = x0 + 0.6 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    predict = cm.make_predict_x0(patcher)
+    return patcher, net, adapters, (lambda: predict(x_t, torch.tensor([0.6]), samples[0].cond)), samples
+
+
+def _grads_and_saved_bytes(cm, families, name, checkpointing: bool, cow: bool = False):
     with cm.training_mode():
-        samples = cm.build_samples(patcher, [latents], [conditioning], CPU)
-        net = patcher.model.diffusion_model
-        adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            for p in adapters.trainable_parameters():  # both factors non-zero: every layer gets a gradient
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        patcher, net, adapters, forward, _ = _setup(cm, families, name)
         saved = [0]
 
         def pack(t):
             saved[0] += t.numel() * t.element_size()
             return t
 
-        predict = cm.make_predict_x0(patcher)
-        x0 = samples[0].latent[None]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-        sigma = torch.tensor([0.6])
         with frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing) as patched, autograd_safe():
             # saved-tensor hooks turn off autograd's in-place checks: measure in a pass of its own
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                predict(x0 + 0.6 * noise, sigma, samples[0].cond)
-            out = predict(x0 + 0.6 * noise, sigma, samples[0].cond)
+                forward()
+            with copy_on_write(cow):
+                out = forward()
             out.square().mean().backward()
         grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in adapters.trainable_parameters()]
     return grads, saved[0], patched
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
+def test_in_place_writes_are_found_only_where_the_model_code_makes_them(cm, families, name):
+    _build(families, name)
+    with cm.training_mode():
+        patcher, _, _, _, samples = _setup(cm, families, name)
+        found = cm.in_place_writes(patcher, samples[0], CPU)
+    assert bool(found) == FAMILIES[name].in_place_writes, found
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.in_place_writes])
+def test_copy_on_write_gives_the_true_gradient_of_in_place_model_code(cm, families, name):
+    """Checked against a central finite difference along a random direction of the adapter weights."""
+    _build(families, name)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _grads_and_saved_bytes(cm, families, name, False)
+    with pytest.raises(InPlaceError, match="set gradient_checkpointing off"):  # never silently wrong
+        _grads_and_saved_bytes(cm, families, name, True)
+    grads, _, _ = _grads_and_saved_bytes(cm, families, name, False, cow=True)
+    with cm.training_mode():
+        _, net, adapters, forward, _ = _setup(cm, families, name)
+        params = list(adapters.trainable_parameters())
+        direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+        eps = 1e-3
+
+        def loss_at(t):
+            with torch.no_grad():
+                for p, d in zip(params, direction, strict=True):
+                    p.add_(d, alpha=t)
+                with frozen(net), adapters.attached(net):
+                    value = forward().double().square().mean().item()
+                for p, d in zip(params, direction, strict=True):
+                    p.sub_(d, alpha=t)
+            return value
+
+        numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    analytic = sum((g.double() * d.double()).sum().item() for g, d in zip(grads, direction, strict=True))
+    assert analytic == pytest.approx(numeric, rel=2e-2), (analytic, numeric)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if not f.in_place_writes])
 def test_checkpointing_wraps_the_blocks_with_equal_gradients_and_less_saved_memory(cm, families, name):
     _build(families, name)
-    fam = FAMILIES[name]
-    if not fam.trainable_on(families.comfy_version()):
-        with pytest.raises(RuntimeError, match="modified by an inplace operation|no autograd formula|in-place"):
-            _grads_and_saved_bytes(cm, families, name, False)
-        return
-    if not fam.checkpointing_exact:  # refused on the first pass, never silently wrong
-        with pytest.raises(InPlaceError, match="set gradient_checkpointing off"):
-            _grads_and_saved_bytes(cm, families, name, True)
-        _grads_and_saved_bytes(cm, families, name, False)  # and trains without it
-        return
     plain, plain_bytes, _ = _grads_and_saved_bytes(cm, families, name, False)
     ckpt, ckpt_bytes, patched = _grads_and_saved_bytes(cm, families, name, True)
     assert patched >= 2, f"{name}: {patched} repeated blocks found"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.autograd_safe import autograd_safe, rewritten_count
+from training.autograd_safe import autograd_safe, copy_on_write, rewritten_count, writes_into_used_tensors
 from training.checkpointing import InPlaceError, gradient_checkpointing
 
 
@@ -177,6 +177,8 @@ class ExplicitInPlaceBlock(nn.Module):
             return x + self.proj(out)
         x = x * 1.0  # a tensor of the block's own (writing into its input is refused by a version check)
         y = self.proj(torch.nn.functional.rms_norm(x, (x.shape[-1],)))
+        if not getattr(self, "in_place", True):  # the out-of-place twin (the reference)
+            return torch.addcmul(x, y, torch.tanh(y))
         x.addcmul_(y, torch.tanh(y))
         return x
 
@@ -202,3 +204,45 @@ def test_checkpointing_refuses_blocks_that_write_into_tensors_they_used(fresh):
     else:  # refused on the first pass instead of silently wrong gradients
         with pytest.raises(InPlaceError, match="ExplicitInPlaceBlock.*set gradient_checkpointing off"):
             run(True)
+
+
+def _explicit_net(fresh: bool, in_place: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.blocks = nn.ModuleList(ExplicitInPlaceBlock(8, fresh) for _ in range(3))
+    for b in net.blocks:
+        b.in_place = in_place
+    return net
+
+
+def test_probe_finds_explicit_writes_into_used_tensors_only():
+    x = torch.randn(2, 5, 8)
+
+    def probe(net):
+        return writes_into_used_tensors(lambda: [b(x.clone()) for b in net.blocks], [x])
+
+    assert probe(_explicit_net(fresh=False)) == "addcmul_"
+    assert probe(_explicit_net(fresh=True)) == ""  # writes into a tensor nothing used yet
+    augmented = nn.Sequential()
+    augmented.blocks = nn.ModuleList([PreNormBlock(8, in_place=True)])  # x += ...: rewritten while training
+    assert probe(augmented) == ""
+
+
+def test_copy_on_write_trains_explicit_in_place_writes_with_the_out_of_place_gradients():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+
+    def grads(net, cow: bool):
+        net.zero_grad(set_to_none=True)
+        with autograd_safe(), copy_on_write(cow):
+            h = x.clone().requires_grad_()
+            for b in net.blocks:
+                h = b(h)
+            loss = h.square().mean()
+        loss.backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads(_explicit_net(fresh=False), cow=False)
+    expected = grads(_explicit_net(fresh=False, in_place=False), cow=False)
+    for a, b in zip(grads(_explicit_net(fresh=False), cow=True), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
