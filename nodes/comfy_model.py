@@ -22,18 +22,20 @@ log = logging.getLogger("loralab")
 
 
 def prediction_type(model_sampling) -> str:
-    """Which target the family was trained on, from the class of ComfyUI's model_sampling."""
+    """Which target the family was trained on, from the class of ComfyUI's model_sampling: eps, v and
+    flow by name; any other parameterisation (EDM, Cosmos' rectified flow, x0 models, ones newer
+    ComfyUI adds) trains in its network's raw output space, read off its own calculate_denoised."""
     ms = comfy.model_sampling
     # Order matters: EDM subclasses V_PREDICTION, X0 and V_PREDICTION subclass EPS.
     if isinstance(model_sampling, getattr(ms, "EDM", ())) or isinstance(model_sampling, getattr(ms, "X0", ())):
-        return "x0"
+        return "raw"
     if isinstance(model_sampling, ms.V_PREDICTION):
         return "v"
     if isinstance(model_sampling, ms.EPS):
         return "eps"
     if isinstance(model_sampling, ms.CONST):
         return "flow"
-    return "x0"
+    return "raw"
 
 
 def objective_for(patcher, config: TrainConfig | None = None) -> Objective:

@@ -6,8 +6,9 @@ Works with any object shaped like ComfyUI's `model_sampling` (duck-typed: `perce
 Why a target space: `apply_model` returns the model's x0 estimate. Training on x0 alone weights
 every noise level the same and under-trains the low-noise end that decides fine detail. Each family
 was trained to predict something else - eps (SD1.x/SDXL), v (SD2 768-v), the flow velocity
-noise - x0 (SD3, Flux) - and that quantity is an affine function of x0 for fixed x_t and sigma, so
-we map both the prediction and the truth into it and compare there. The loss is then the one the
+noise - x0 (SD3, Flux), the raw network output of any other parameterisation ("raw": read off the
+model's own `calculate_denoised`) - and that quantity is an affine function of x0 for fixed x_t and
+sigma, so we map both the prediction and the truth into it and compare there. The loss is then the one the
 base model was trained with, up to the choice of distance (MSE, L1, Huber, SmoothL1).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-PREDICTIONS = ("eps", "v", "flow", "x0")
+PREDICTIONS = ("eps", "v", "flow", "raw", "x0")
 
 # Percent 0 is "pure noise" (sigma may be unbounded) and 1 is "clean" (sigma 0, where eps and flow
 # targets divide by zero), so noise levels are drawn from the open interval in between.
@@ -101,6 +102,14 @@ class Objective:
             sd = self.sigma_data
             denom = s**2 + sd**2
             return (x_t * sd**2 / denom - x0) * denom.sqrt() / (s * sd)
+        if self.prediction == "raw":
+            # The network's own output space, whatever the parameterisation: ComfyUI's
+            # calculate_denoised(sigma, out, x_t) is affine in out, x0 = a*x_t + b*out, so
+            # out = (x0 - a*x_t) / b, with a*x_t and b read off the model's own formula (Cosmos
+            # Predict2's rectified flow on x0 + sigma*noise: the velocity noise - x0; EDM: F).
+            ax = self.sampling.calculate_denoised(sigma, torch.zeros_like(x_t), x_t)
+            b = self.sampling.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x_t))
+            return (x0 - ax) / b
         return x0
 
 

@@ -37,7 +37,7 @@ class Family:
     reference_latent: bool = False  # edit models: the source latent travels in the conditioning
     concat_latent: bool = False  # Wan i2v: the start frame latent as concat_latent_image
     llama_layers: int = 0  # HiDream: Llama hidden states of this many layers as conditioning_llama3
-    prediction: str = "flow"  # the target the family trains on: eps, v, flow (x0 where EDM)
+    prediction: str = "flow"  # the target the family trains on: eps, v, flow, raw (the network's output)
     v_prediction: bool = False  # SD2 768-v: the UNet with v-prediction sampling
     # its code writes in place into tensors it already used: the trainer finds that before training and
     # trains it with copy-on-write of what backward needs, without gradient checkpointing
@@ -114,7 +114,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                                         crossattn_emb_channels=32, pos_emb_cls="rope3d",
                                                         pos_emb_learnable=True, pos_emb_interpolation="crop",
                                                         min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16),
-           (16, 1, 8, 8), (6, 32), prediction="x0"),
+           (16, 1, 8, 8), (6, 32), prediction="raw"),  # rectified-flow velocity on x0 + sigma * noise
     Family("wan21_t2v", "WAN21_T2V", _WAN, (16, 2, 8, 8), (6, 32)),
     Family("wan21_i2v", "WAN21_I2V", {**_WAN, "model_type": "i2v", "in_dim": 36}, (16, 2, 8, 8), (6, 32),
            concat_latent=True),

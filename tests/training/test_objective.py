@@ -38,11 +38,15 @@ def _sampling(ms, prediction_cls, sampling_cls, **settings):
 
 @pytest.mark.parametrize(
     "kind,prediction",
-    [("EPS", "eps"), ("V_PREDICTION", "v"), ("CONST", "flow")],
+    [("EPS", "eps"), ("V_PREDICTION", "v"), ("CONST", "flow"),
+     ("EPS", "raw"), ("V_PREDICTION", "raw"), ("CONST", "raw"), ("COSMOS_RFLOW", "raw")],
 )
 def test_target_inverts_calculate_denoised(comfy_sampling, kind, prediction):
     ms = comfy_sampling
-    sampling_cls = ms.ModelSamplingDiscreteFlow if kind == "CONST" else ms.ModelSamplingDiscrete
+    if not hasattr(ms, kind):
+        pytest.skip(f"this ComfyUI has no {kind}")
+    sampling_cls = {"CONST": ms.ModelSamplingDiscreteFlow, "COSMOS_RFLOW": getattr(ms, "ModelSamplingCosmosRFlow", None)}.get(
+        kind, ms.ModelSamplingDiscrete)
     settings = {"shift": 3.0} if kind == "CONST" else {}
     sampling = _sampling(ms, getattr(ms, kind), sampling_cls, **settings)
     obj = Objective(sampling, prediction)
@@ -57,8 +61,14 @@ def test_target_inverts_calculate_denoised(comfy_sampling, kind, prediction):
     torch.testing.assert_close(back, x0, rtol=1e-9, atol=1e-9)
     if prediction == "eps":
         torch.testing.assert_close(target, noise)
-    if prediction == "flow":
+    if prediction == "flow" or kind == "CONST":
         torch.testing.assert_close(target, noise - x0)
+    if kind == "EPS":
+        torch.testing.assert_close(target, noise)
+    if kind == "COSMOS_RFLOW":  # rectified flow on (x0 + sigma*noise) / (1 + sigma): the velocity
+        torch.testing.assert_close(target, noise - x0)
+    if prediction == "raw" and kind == "V_PREDICTION":
+        torch.testing.assert_close(target, Objective(sampling, "v").to_target(x_t, x0, sigma))
 
 
 def test_sigmas_are_inside_the_schedule(comfy_sampling):
