@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import uuid
 import warnings
 
 import numpy as np
@@ -66,6 +67,24 @@ def test_there_are_tiny_and_big_examples():
             "loralab_sd15_image_folder.json", "loralab_sdxl_image_folder.json", "loralab_sd3_image_folder.json",
             "loralab_flux_dev_image_folder.json", "loralab_qwen_image_image_folder.json",
             "loralab_z_image_image_folder.json", "loralab_wan22_5b_image_folder.json"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
+def test_example_has_the_frontends_workflow_shape(path):
+    """What the frontend's schema checks before it opens a template (a bad id put an alert over the
+    template browser): a UUID id, integer node and link ids within last_node_id / last_link_id, and
+    links as [id, from node, from slot, to node, to slot, type] between existing nodes."""
+    wf = json.loads(path.read_text())
+    uuid.UUID(wf["id"])
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert all(isinstance(i, int) for i in nodes) and len(nodes) == len(wf["nodes"])
+    assert wf["last_node_id"] >= max(nodes)
+    for link in wf["links"]:
+        lid, src, src_slot, dst, dst_slot, typ = link
+        assert all(isinstance(v, int) for v in (lid, src, src_slot, dst, dst_slot)) and isinstance(typ, str), link
+        assert lid <= wf["last_link_id"] and src in nodes and dst in nodes, link
+        assert nodes[dst]["inputs"][dst_slot]["link"] == lid, link
+        assert lid in nodes[src]["outputs"][src_slot]["links"], link
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
