@@ -186,6 +186,49 @@ def group_file_keys(
     return groups, rest
 
 
+# How other tools spell the two LoRA factors (peft / diffusers lora_A / lora_B, peft's named "default"
+# adapter, old diffusers "lora.down", bare mochi-style lora_A / lora_B), as ComfyUI's loader reads them.
+SUFFIX_ALIASES = {
+    "lora_A.default.weight": "lora_down.weight",
+    "lora_B.default.weight": "lora_up.weight",
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_A": "lora_down.weight",
+    "lora_B": "lora_up.weight",
+}
+
+
+def normalize_file_keys(
+    sd: Mapping[str, torch.Tensor], names: Mapping[str, str], alpha: float | None = None,
+    prefix: str = "diffusion_model.",
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A LoRA file in any naming the model's loader maps -> our "<prefix><path>.<suffix>" keys.
+
+    names: file stem -> module path (kohya names of either SD naming, diffusers / peft "unet." /
+    "transformer." names, LyCORIS "lycoris_" names: the loader's own key map for this model).
+    Factor spellings of other tools (SUFFIX_ALIASES) become ours; alpha: the scale numerator of a file
+    that keeps it outside the tensors (peft's lora_adapter_metadata), added to layers without an alpha
+    key. Keys that map to no whole layer (other models, split projections of a fused layer) stay as
+    they are."""
+    suffixes = sorted({*ADAPTER_SUFFIXES, *SUFFIX_ALIASES}, key=len, reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for suffix in suffixes:
+            if key.endswith("." + suffix):
+                path = names.get(key[: -len(suffix) - 1])
+                if path is not None:
+                    key = f"{prefix}{path}.{SUFFIX_ALIASES.get(suffix, suffix)}"
+                break
+        out[key] = value
+    if alpha is not None:
+        stems = {k.rsplit(".", 2)[0] for k in out if k.startswith(prefix) and k.endswith(("lora_down.weight", "lora_up.weight"))}
+        for stem in stems:
+            out.setdefault(f"{stem}.{ALPHA_KEY}", torch.tensor(float(alpha)))
+    return out
+
+
 KEY_FORMATS = ("comfyui", "kohya")
 
 

@@ -127,6 +127,25 @@ def _owned(value):
     return value
 
 
+def lora_key_names(patcher) -> dict[str, str]:
+    """File stem -> module path (relative to the diffusion model) for every LoRA naming ComfyUI's own
+    loader maps onto this model (its key map: kohya names of both SD namings, diffusers / peft
+    "unet." / "transformer.", LyCORIS "lycoris_", ...). Names that address a slice of a fused layer
+    (diffusers' separate q / k / v of Flux's qkv) are left out: they cannot become one adapter."""
+    try:
+        import comfy.lora
+
+        key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    except (ImportError, AttributeError):  # feature-detected: a ComfyUI without the key map
+        return {}
+    prefix, suffix = "diffusion_model.", ".weight"
+    return {
+        stem: target[len(prefix) : -len(suffix)]
+        for stem, target in key_map.items()
+        if isinstance(target, str) and target.startswith(prefix) and target.endswith(suffix)
+    }
+
+
 def in_place_writes(patcher, sample: Sample, device: torch.device) -> str:
     """Whether the model's code writes in place into a tensor it already used (an explicit in-place
     op that autograd cannot train through), found by one forward pass without grad on ``sample``:

@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..lora import detect_algorithm, get_algorithm
-from ..lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_excludes, target_patterns
+from ..lora.inject import (
+    AdapterSet,
+    find_targets,
+    frozen,
+    group_file_keys,
+    normalize_file_keys,
+    target_excludes,
+    target_patterns,
+)
 from ..training.autograd_safe import autograd_safe, copy_on_write
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
 from ..training.checkpointing import gradient_checkpointing
@@ -28,6 +36,7 @@ from ..training.lorafile import (
     LoraStateDict,
     build_metadata,
     earlier_steps,
+    peft_alpha,
     prefix_location,
     read_lora_file,
 )
@@ -116,7 +125,7 @@ def train(
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
-        start = _Start.read(existing, config) if existing and existing != NO_LORA else _Start()
+        start = _Start.read(existing, config, cm.lora_key_names(patcher)) if existing and existing != NO_LORA else _Start()
         diffusion = patcher.model.diffusion_model
         targets = find_targets(diffusion, target_patterns(config.targets, config.include),
                                target_excludes(config.targets, config.include, config.exclude))
@@ -241,12 +250,15 @@ class _Start:
         self.name, self.weights, self.step, self.optimizer_state = name, weights or {}, step, optimizer_state
 
     @classmethod
-    def read(cls, name: str, config: TrainConfig) -> _Start:
+    def read(cls, name: str, config: TrainConfig, key_names: dict[str, str] | None = None) -> _Start:
+        """key_names: file stem -> module path in every naming ComfyUI's loader reads for this model
+        (kohya, diffusers / peft, LyCORIS ...), so a LoRA made by another tool continues too."""
         path = folder_paths.get_full_path("loras", name)
         if path is None:
             raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
         try:
             sd, meta = read_lora_file(path)
+            sd = normalize_file_keys(sd, key_names or {}, peft_alpha(meta))
             found = detect_algorithm(sd.keys())
         except ValueError as e:
             raise ValueError(f"existing_lora: {e}") from e
@@ -284,7 +296,10 @@ def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str
     groups, rest = group_file_keys(file_sd, targets)
     if not groups:
         example = next(iter(file_sd), "?")
-        raise ValueError(f"existing_lora: no layer of {name!r} (e.g. {example!r}) is in this model; it was trained for another model")
+        expected = f"diffusion_model.{next(iter(targets), '?')}.lora_up.weight"
+        raise ValueError(f"existing_lora: none of the layers of {name!r} is in this model (0 matched; a file key: "
+                         f"{example!r}, a key this model expects: {expected!r}); it was trained for another model "
+                         "or in a naming ComfyUI does not map onto it")  # fmt: skip
     cls = get_algorithm(config.algorithm)
     for path, group in groups.items():
         shape, conv = targets[path]

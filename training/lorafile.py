@@ -23,6 +23,7 @@ import datetime as _dt
 import errno
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -717,3 +718,22 @@ def build_metadata(
     for key, value in (extra or {}).items():
         out[str(key)] = value if isinstance(value, str) else str(value)
     return out
+
+
+def peft_alpha(metadata: Mapping[str, str] | None) -> float | None:
+    """The LoRA alpha a diffusers / peft file keeps outside its tensors: ``lora_adapter_metadata``
+    JSON with ``lora_alpha`` (at the top, or under one component such as "unet" / "transformer").
+    None when the file has none or it is unreadable (layers then keep alpha = rank, scale 1)."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    candidates = [info] + [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
+    for entry in candidates:
+        value = entry.get("lora_alpha")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return float(value)
+    return None
