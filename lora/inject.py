@@ -232,11 +232,17 @@ def normalize_file_keys(
 KEY_FORMATS = ("comfyui", "kohya")
 
 
-def convert_key_format(sd: Mapping[str, torch.Tensor], key_format: str, prefix: str = "diffusion_model.") -> dict:
+def convert_key_format(
+    sd: Mapping[str, torch.Tensor], key_format: str, prefix: str = "diffusion_model.",
+    kohya_names: Mapping[str, str] | None = None,
+) -> dict:  # fmt: skip
     """LORA_MODEL keys "<prefix><path>.<suffix>" -> the chosen file naming. "comfyui" keeps them;
-    "kohya" writes "lora_unet_<path with dots as _>.<suffix>" (the LDM module names, as kohya uses
-    for SDXL and A1111 / Forge / ComfyUI read). Tensor layouts are already the ones those tools
-    expect (conv LoRA down [r, in, kh, kw], up [out, r, 1, 1]). Keys without the prefix are kept."""
+    "kohya" writes "<stem>.<suffix>" with the stem kohya sd-scripts uses for that layer of the model
+    (kohya_names: path -> stem, from the trainer; SD1.x / SD2 use diffusers module names there), else
+    "lora_unet_<path with dots as _>" (the model's own module names, as kohya uses for SDXL, SD3 and
+    Flux). Tensor layouts are already the ones those tools expect (conv LoRA down [r, in, kh, kw],
+    up [out, r, 1, 1]). Keys without the prefix are kept."""
+    kohya_names = kohya_names or {}
     if key_format == "comfyui":
         return dict(sd)
     if key_format != "kohya":
@@ -249,7 +255,8 @@ def convert_key_format(sd: Mapping[str, torch.Tensor], key_format: str, prefix: 
         name = key[len(prefix) :]
         for suffix in ADAPTER_SUFFIXES + DELTA_SUFFIXES:
             if name.endswith("." + suffix):
-                out["lora_unet_" + name[: -len(suffix) - 1].replace(".", "_") + "." + suffix] = value
+                path = name[: -len(suffix) - 1]
+                out[kohya_names.get(path, "lora_unet_" + path.replace(".", "_")) + "." + suffix] = value
                 break
         else:
             out[key] = value

@@ -146,6 +146,25 @@ def lora_key_names(patcher) -> dict[str, str]:
     }
 
 
+def kohya_names(patcher, paths) -> dict[str, str]:
+    """Module path -> the "lora_unet_" stem kohya sd-scripts writes for it, from ComfyUI's key map.
+    sd-scripts names layers after the implementation it trains: diffusers' UNet for SD1.x / SD2
+    ("lora_unet_down_blocks_0_attentions_0_proj_in", which A1111, LyCORIS and diffusers read too), its
+    own copies of the original code for SDXL, SD3 and Flux (the names ComfyUI uses). Empty, so the
+    original names, for every model that is not an SD1.x / SD2 UNet."""
+    import comfy.supported_models as sm
+
+    sd1_or_2 = tuple(getattr(sm, n) for n in ("SD15", "SD20") if hasattr(sm, n))
+    if not isinstance(patcher.model.model_config, sd1_or_2):
+        return {}
+    wanted = set(paths)
+    out: dict[str, str] = {}
+    for stem, path in lora_key_names(patcher).items():
+        if path in wanted and stem.startswith("lora_unet_") and stem != "lora_unet_" + path.replace(".", "_"):
+            out.setdefault(path, stem)
+    return out
+
+
 def in_place_writes(patcher, sample: Sample, device: torch.device) -> str:
     """Whether the model's code writes in place into a tensor it already used (an explicit in-place
     op that autograd cannot train through), found by one forward pass without grad on ``sample``:

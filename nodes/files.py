@@ -99,7 +99,9 @@ class LoraLab_SaveLora(io.ComfyNode):
                     default="comfyui",
                     optional=True,
                     tooltip="comfyui: diffusion_model.<module> keys (ComfyUI's own trainer and loaders). "
-                    "kohya: lora_unet_<module> keys that A1111 / Forge / kohya tools read (ComfyUI reads both).",
+                    "kohya: lora_unet_ keys as kohya sd-scripts writes them for the model (SD1.x / SD2: diffusers module "
+                    "names, which A1111 / Forge / LyCORIS / diffusers read; SDXL, SD3, Flux and the rest: the model's own "
+                    "module names; a LoRA from Load LoRA file keeps the model's own names). ComfyUI reads all of them.",
                 ),
             ],
             outputs=[
@@ -119,7 +121,7 @@ class LoraLab_SaveLora(io.ComfyNode):
     def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui") -> io.NodeOutput:
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
-        tensors = convert_key_format(lora, key_format)
+        tensors = convert_key_format(lora, key_format, kohya_names=getattr(lora, "kohya_names", None))
         root = loras_root()
         folder, stem = prefix_location(root, filename_prefix)
 

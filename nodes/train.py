@@ -145,7 +145,7 @@ def train(
                         "training keeps copies of what backward needs%s", type(patcher.model.model_config).__name__,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         writer = _Writer(adapters, carried, config, type(patcher.model.model_config).__name__, len(samples),
-                         loras_folder, checkpoint_prefix)  # fmt: skip
+                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets))  # fmt: skip
         bar = _Progress(config.steps, node_id)
         try:
             with (
@@ -211,15 +211,17 @@ class _Writer:
     a LoRA file plus its training-state sidecar, never one without the other."""
 
     def __init__(self, adapters: AdapterSet, carried: dict, config: TrainConfig, family: str, dataset_size: int,
-                 loras_folder: Path, checkpoint_prefix: str):  # fmt: skip
+                 loras_folder: Path, checkpoint_prefix: str, kohya_names: dict[str, str] | None = None):  # fmt: skip
         self.adapters, self.carried, self.config = adapters, carried, config
+        self.kohya_names = kohya_names or {}
         self.family, self.dataset_size = family, dataset_size
         self.loras_folder, self.checkpoint_prefix = loras_folder, checkpoint_prefix
         self.series = CheckpointSeries(config.keep_checkpoints)  # this run's checkpoints only
 
     def lora(self, step: int, loss: float) -> LoraStateDict:
         config = self.config
-        sd = LoraStateDict(self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]))
+        sd = LoraStateDict(self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]),
+                           kohya_names=self.kohya_names)
         sd.update(self.carried)
         sd.metadata = build_metadata(
             steps=step, algorithm=config.algorithm, rank=config.rank,

@@ -73,12 +73,16 @@ class LoraStateDict(dict):
     accept it unchanged.
     """
 
-    def __init__(self, *args, metadata: Mapping[str, str] | None = None, **kwargs):
+    def __init__(self, *args, metadata: Mapping[str, str] | None = None,
+                 kohya_names: Mapping[str, str] | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.metadata: dict[str, str] = dict(metadata or {})
+        # module path -> the "lora_unet_..." stem kohya sd-scripts uses for it on the model this LoRA
+        # was trained on (see nodes.comfy_model.kohya_names); not written into files
+        self.kohya_names: dict[str, str] = dict(kohya_names or {})
 
     def copy(self) -> LoraStateDict:  # dict.copy() would drop the metadata
-        return LoraStateDict(self, metadata=self.metadata)
+        return LoraStateDict(self, metadata=self.metadata, kohya_names=self.kohya_names)
 
     def __repr__(self) -> str:
         return f"LoraStateDict({len(self)} tensors, {len(self.metadata)} metadata keys)"

@@ -2,7 +2,7 @@
 (``tests/comfy_testkit``, ComfyUI's own model classes) trains with LoRA, LoHa and LoKr, in fp32 and
 bf16 and on an fp8-stored base; 30 steps on learnable data lower the denoising loss at fixed noise;
 and the saved file applied by stock ``LoraLoaderModelOnly`` gives exactly ``model_with_lora``'s
-output, with no "lora key not loaded" line. A family this ComfyUI lacks is skipped with its name."""
+output, in ComfyUI's naming and in kohya's, with no "lora key not loaded" line. A family this ComfyUI lacks is skipped with its name."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def test_family_learns_and_its_file_applies_like_model_with_lora(comfy_server, f
                       lora_dtype="fp32")  # fmt: skip
     after = g.denoise_loss(trainer[MODEL_OUT], tiny[1], tiny[2])
     save = g.save_lora(trainer[LORA_OUT], f"families/{family}")
+    save_kohya = g.save_lora_format(trainer[LORA_OUT], f"families/{family}_kohya", "kohya")
     result, log = run_logged(comfy_server, g.prompt)
     assert result.status == "success", result.error_message
     # a model whose code writes in place into tensors it used trains with copy-on-write, unchecked
@@ -69,14 +70,15 @@ def test_family_learns_and_its_file_applies_like_model_with_lora(comfy_server, f
     loss_before, loss_after = denoise_value(result, before), denoise_value(result, after)
     assert loss_after < loss_before, (family, loss_before, loss_after)
 
-    name, _ = saved_lora(result, save)
     g2 = Graph()
     tiny2 = _tiny(g2, family)
-    applied = g2.denoise_loss(g2.lora_loader(tiny2[0], name), tiny2[1], tiny2[2])
+    applied = [g2.denoise_loss(g2.lora_loader(tiny2[0], saved_lora(result, node)[0]), tiny2[1], tiny2[2])
+               for node in (save, save_kohya)]  # fmt: skip
     result2, log = run_logged(comfy_server, g2.prompt)
     assert result2.status == "success", result2.error_message
     assert "lora key not loaded" not in log.lower(), log
-    assert denoise_value(result2, applied) == pytest.approx(loss_after, rel=1e-6, abs=1e-9)
+    for node in applied:  # ComfyUI's file naming and kohya's apply alike
+        assert denoise_value(result2, node) == pytest.approx(loss_after, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

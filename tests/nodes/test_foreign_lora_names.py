@@ -46,7 +46,7 @@ def _trained(glue, family):
     latents, conditioning = families.make_data(family)
     config = TrainConfig(steps=3, rank=RANK, alpha=ALPHA, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
     lora, _, _ = train_mod.train(patcher, [latents], [conditioning], config, "[None]", None, "loralab/test")
-    return patcher, dict(lora)
+    return patcher, lora
 
 
 def _renamed(sd: dict, stems: dict, peft: bool) -> tuple[dict, dict]:
@@ -124,3 +124,24 @@ def test_file_for_another_model_names_a_file_key_and_an_expected_key(glue, loras
     with pytest.raises(ValueError, match=r"0 matched; a file key: 'diffusion_model\.\S+', a key this model expects: "
                                          r"'diffusion_model\.\S+\.lora_up\.weight'"):
         train_mod._load_existing(None, start.weights, targets, "sd15.safetensors", config, CPU)
+
+
+@pytest.mark.parametrize("family,diffusers_names", [("sd15", True), ("sd2_v", True), ("sdxl", False), ("flux_dev", False)])
+def test_kohya_format_uses_the_names_kohya_writes_and_comfyui_maps_every_layer(glue, family, diffusers_names):
+    """SD1.x / SD2: diffusers module names (lora_unet_down_blocks_0_attentions_0_proj_in), which kohya
+    sd-scripts, LyCORIS, A1111 and diffusers read; SDXL and Flux: the model's own names."""
+    import comfy.lora
+
+    from lora.inject import convert_key_format
+
+    patcher, lora = _trained(glue, family)
+    assert bool(lora.kohya_names) == diffusers_names
+    tensors = convert_key_format(lora, "kohya", kohya_names=lora.kohya_names)
+    assert len(tensors) == len(lora) and all(k.startswith("lora_unet_") for k in tensors)
+    ldm = any(part in k for k in tensors for part in ("input_blocks", "output_blocks", "middle_block"))
+    if diffusers_names:
+        assert not ldm and any("down_blocks" in k for k in tensors), sorted(tensors)[:4]
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    layers = {k.rsplit(".", 2)[0] for k in lora if k.endswith("lora_up.weight")}
+    assert len(patches) == len(layers)  # every layer mapped: no "lora key not loaded"
