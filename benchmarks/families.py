@@ -10,29 +10,23 @@ With --comfy-dir run it with that ComfyUI's own Python (e.g. the newest release'
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
 import time
+
+from profile_train import load_pack  # the same pack import as the profiler (this folder)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's console bar, per family
 
 
 def load(comfy_dir: pathlib.Path):
+    train_mod = load_pack(comfy_dir)
+    # ComfyUI's root goes after the pack's own folders: it has top-level modules of the same names
+    sys.path.remove(str(comfy_dir))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "comfy_testkit")]
     sys.path.append(str(comfy_dir))
-    sys.path.insert(0, str(ROOT / "tests" / "comfy_testkit"))
-    sys.path.insert(0, str(ROOT))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    spec = importlib.util.spec_from_file_location("loralab_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["loralab_pack"] = pack
-    spec.loader.exec_module(pack)
-    import loralab_pack.nodes.train as train_mod
-
     return train_mod
 
 

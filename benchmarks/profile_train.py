@@ -27,8 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMFY = ROOT / ".comfyui" / "ComfyUI"
 
 
-def load_pack():
-    sys.path.insert(0, str(COMFY))
+def load_pack(comfy_dir: pathlib.Path = COMFY):
+    """The pack's train module, imported against the ComfyUI tree at comfy_dir (CPU mode)."""
+    sys.path.insert(0, str(comfy_dir))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
