@@ -165,6 +165,21 @@ def kohya_names(patcher, paths) -> dict[str, str]:
     return out
 
 
+def pixel_resolution(patcher, samples: Sequence[Sample]) -> str | None:
+    """The largest training image size in pixels as "<width>x<height>" (ModelSpec's resolution), from
+    the latents and the latent format's downscale ratio (feature-detected; 8 for 4- and 16-channel
+    image latents where this ComfyUI does not state it). None where it cannot be told."""
+    ratio = getattr(patcher.model.latent_format, "spacial_downscale_ratio", None)
+    sizes = [tuple(s.latent.shape[-2:]) for s in samples]
+    if ratio is None:
+        image_latent = all(s.latent.ndim == 3 and s.latent.shape[0] in (4, 16) for s in samples)
+        ratio = 8 if image_latent else None
+    if ratio is None or not sizes:
+        return None
+    h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+    return f"{w * ratio}x{h * ratio}"
+
+
 def in_place_writes(patcher, sample: Sample, device: torch.device) -> str:
     """Whether the model's code writes in place into a tensor it already used (an explicit in-place
     op that autograd cannot train through), found by one forward pass without grad on ``sample``:

@@ -145,7 +145,9 @@ def train(
                         "training keeps copies of what backward needs%s", type(patcher.model.model_config).__name__,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         writer = _Writer(adapters, carried, config, type(patcher.model.model_config).__name__, len(samples),
-                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets))  # fmt: skip
+                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets),
+                         {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
+                          "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id)
         try:
             with (
@@ -211,9 +213,11 @@ class _Writer:
     a LoRA file plus its training-state sidecar, never one without the other."""
 
     def __init__(self, adapters: AdapterSet, carried: dict, config: TrainConfig, family: str, dataset_size: int,
-                 loras_folder: Path, checkpoint_prefix: str, kohya_names: dict[str, str] | None = None):  # fmt: skip
+                 loras_folder: Path, checkpoint_prefix: str, kohya_names: dict[str, str] | None = None,
+                 model_info: dict | None = None):  # fmt: skip
         self.adapters, self.carried, self.config = adapters, carried, config
         self.kohya_names = kohya_names or {}
+        self.model_info = model_info or {}  # prediction_type, resolution: file metadata
         self.family, self.dataset_size = family, dataset_size
         self.loras_folder, self.checkpoint_prefix = loras_folder, checkpoint_prefix
         self.series = CheckpointSeries(config.keep_checkpoints)  # this run's checkpoints only
@@ -228,7 +232,7 @@ class _Writer:
             alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
             optimizer=config.optimizer, learning_rate=config.learning_rate, loss=loss,
             training_dtype=config.training_dtype, lora_dtype=config.lora_dtype, model_family=self.family,
-            dataset_size=self.dataset_size, pack_version=__version__,
+            dataset_size=self.dataset_size, pack_version=__version__, **self.model_info,
         )  # fmt: skip
         return sd
 

@@ -585,7 +585,7 @@ def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
 # Metadata
 
 PACK_NAME = "LoRA Lab"
-MODELSPEC_VERSION = "1.0.0"
+MODELSPEC_VERSION = "1.0.1"  # the version kohya sd-scripts writes (resolution, prediction_type)
 # The tensor keys are ComfyUI module paths, so ComfyUI is the implementation they follow.
 MODELSPEC_IMPLEMENTATION = "https://github.com/comfyanonymous/ComfyUI"
 
@@ -628,6 +628,8 @@ def base_model_info(family: str | None) -> tuple[str, str]:
 
 
 _ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+# the trainer's target -> ModelSpec's prediction_type (other parameterisations: not written)
+_MODELSPEC_PREDICTION = {"eps": "epsilon", "v": "v", "flow": "flow"}
 
 
 def _num(value: float | int) -> str:
@@ -660,6 +662,7 @@ def build_metadata(
     pack_version: str | None = None,
     title: str | None = None,
     resolution: str | None = None,
+    prediction_type: str | None = None,
     date: _dt.datetime | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
@@ -670,11 +673,16 @@ def build_metadata(
     names the base model, best as ComfyUI's model-config class name (``SD15``, ``SDXL``, ``SD3``,
     ``Flux``; see :func:`base_model_info`).  Keys whose value is None are left out.
     ``extra`` entries are added last as ``str(value)`` (already ``str`` values are kept as they are).
+    ``resolution`` ("<width>x<height>" in pixels) and ``prediction_type`` (the trainer's target: eps,
+    v, flow) go into ModelSpec 1.0.1 as kohya sd-scripts writes it; ``ss_v2`` tells A1111 / Forge an SD2
+    file from an SD1 one, and a v-prediction SD2 is the 768-v architecture.
     """
     algo = (algorithm or "lora").strip().lower()
     if model_family is None:
         model_family = base_model
     arch, base_version = base_model_info(model_family)
+    if base_version == "sd_v2" and prediction_type == "v":
+        arch = _FAMILIES["sd2v"][0]
     when = (date or _dt.datetime.now(_dt.timezone.utc)).replace(microsecond=0)
     if when.tzinfo is None:
         when = when.astimezone()
@@ -708,15 +716,17 @@ def build_metadata(
         "ss_optimizer": optimizer,
         "ss_num_train_images": None if dataset_size is None else _num(int(dataset_size)),
         "ss_base_model_version": base_version,
+        "ss_v2": None if base_version == "unknown" else str(base_version == "sd_v2"),
         "ss_network_train_unet_only": "True",
         "ss_training_finished_at": _num(int(when.timestamp())),
-        # SAI ModelSpec 1.0.0
+        # SAI ModelSpec 1.0.1
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{arch}/{algo}",
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.title": title or f"{PACK_NAME} {_ALGO_NAMES.get(algo, algo)} {iso_date}",
         "modelspec.date": iso_date,
         "modelspec.resolution": resolution,
+        "modelspec.prediction_type": _MODELSPEC_PREDICTION.get(prediction_type or ""),
     }
     out = {k: v for k, v in md.items() if v is not None}
     for key, value in (extra or {}).items():

@@ -17,6 +17,7 @@ from tests.e2e.graphs import (
     Graph,
     assert_loss_per_step,
     denoise_value,
+    lora_metadata,
     run_logged,
     run_ok,
     saved_lora,
@@ -39,6 +40,17 @@ SHORT_RUNS = [
     ("LoHa", "fp32", "fp8_e4m3fn"),
     ("LoKr", "bf16", "fp8_e4m3fn"),
 ]
+
+
+# What A1111 / Forge / kohya read from the file's metadata (the tiny latents are 16x16 and 8x8)
+EXPECTED_METADATA = {
+    "sd15": {"ss_base_model_version": "sd_v1", "ss_v2": "False", "modelspec.prediction_type": "epsilon",
+             "modelspec.resolution": "128x128", "modelspec.sai_model_spec": "1.0.1"},
+    "sd2_v": {"ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec.prediction_type": "v",
+              "modelspec.architecture": "stable-diffusion-v2-768-v/lora", "modelspec.resolution": "128x128"},
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "modelspec.resolution": "128x128"},
+    "flux_dev": {"modelspec.prediction_type": "flow", "modelspec.resolution": "64x64"},
+}  # fmt: skip
 
 
 def _tiny(g: Graph, family: str, weight_dtype: str = "default"):
@@ -69,6 +81,10 @@ def test_family_learns_and_its_file_applies_like_model_with_lora(comfy_server, f
     assert ("keeps copies of what backward needs" in log) == FAMILIES[family].in_place_writes, log
     loss_before, loss_after = denoise_value(result, before), denoise_value(result, after)
     assert loss_after < loss_before, (family, loss_before, loss_after)
+
+    metadata = lora_metadata(saved_lora(result, save)[1])
+    for key, value in EXPECTED_METADATA.get(family, {}).items():
+        assert metadata.get(key) == value, (key, metadata.get(key))
 
     g2 = Graph()
     tiny2 = _tiny(g2, family)

@@ -469,13 +469,33 @@ def test_build_metadata_lora():
     assert md["ss_learning_rate"] == "0.0001" and md["loralab.learning_rate"] == "0.0001"
     assert md["ss_seed"] == "42" and md["loralab.final_loss"] == "0.0123"
     assert md["ss_base_model_version"] == "sd_v1"
-    assert md["modelspec.sai_model_spec"] == "1.0.0"
+    assert md["modelspec.sai_model_spec"] == "1.0.1"
     assert md["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert md["ss_v2"] == "False"
     assert md["modelspec.implementation"]
     assert md["modelspec.title"]
     assert md["modelspec.date"] == "2025-03-01T12:30:05+00:00"
     assert dt.datetime.fromisoformat(md["modelspec.date"])
     assert md["loralab.version"] == "0.1.0" and md["loralab.dataset_size"] == "20"
+
+
+@pytest.mark.parametrize(
+    "family,prediction,arch,v2,spec_prediction",
+    [("SD15", "eps", "stable-diffusion-v1", "False", "epsilon"),
+     ("SD20", "eps", "stable-diffusion-v2-512", "True", "epsilon"),
+     ("SD20", "v", "stable-diffusion-v2-768-v", "True", "v"),
+     ("SDXL", "eps", "stable-diffusion-xl-v1-base", "False", "epsilon"),
+     ("Flux", "flow", "flux-1", "False", "flow"),
+     ("CosmosT2IPredict2", "raw", "cosmost2ipredict2", "False", None)],
+)
+def test_build_metadata_tells_sd2_v_prediction_and_resolution_as_a1111_and_kohya_read_them(
+    family, prediction, arch, v2, spec_prediction
+):
+    md = build_metadata(steps=5, model_family=family, prediction_type=prediction, resolution="768x512")
+    assert md["ss_v2"] == v2  # A1111 / Forge decide SD2 from this
+    assert md["modelspec.architecture"] == f"{arch}/lora"
+    assert md["modelspec.sai_model_spec"] == "1.0.1" and md["modelspec.resolution"] == "768x512"
+    assert md.get("modelspec.prediction_type") == spec_prediction
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr", "LoKr"])
