@@ -126,6 +126,7 @@ def train(
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
         start = _Start.read(existing, config, cm.lora_key_names(patcher)) if existing and existing != NO_LORA else _Start()
+        config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
         targets = find_targets(diffusion, target_patterns(config.targets, config.include),
                                target_excludes(config.targets, config.include, config.exclude))
@@ -290,6 +291,25 @@ class _Start:
             return cls(name, sd, step)
         rest = {k: v for k, v in sd.items() if k not in master}
         return cls(name, {**master, **rest}, info["step"], optimizer_state)
+
+    def file_alpha(self) -> float | None:
+        """The alpha every adapter layer of the file has, or None (no layers, or several alphas)."""
+        alphas = {round(float(v), 6) for k, v in self.weights.items() if k.endswith(".alpha") and v.numel() == 1}
+        return alphas.pop() if len(alphas) == 1 else None
+
+    def agree_alpha(self, config: TrainConfig) -> TrainConfig:
+        """Continuing with alpha left at its default (rank) takes the file's own alpha, so layers the
+        file lacks get the same scale and the metadata tells the alpha the tensors hold. An explicit
+        alpha that differs is kept for new layers; the file's layers keep theirs (said in the log)."""
+        alpha = self.file_alpha()
+        if alpha is None or alpha == float(config.alpha if config.alpha is not None else config.rank):
+            return config
+        if config.alpha is None:
+            log.info("LoRA Lab: %s has alpha %g: training continues with it (alpha = rank would be %d)", self.name, alpha, config.rank)
+            return config.replace(alpha=alpha)
+        log.warning("LoRA Lab: %s has alpha %g and alpha is set to %g: the file's layers keep %g, new layers get %g",
+                    self.name, alpha, config.alpha, alpha, config.alpha)  # fmt: skip
+        return config
 
     def load_into(self, adapters: AdapterSet, targets: dict, config: TrainConfig, device) -> dict:
         return _load_existing(adapters, self.weights, targets, self.name, config, device) if self.weights else {}

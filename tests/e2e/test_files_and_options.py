@@ -277,8 +277,11 @@ def test_save_lora_names_and_metadata(saved, comfy_server):
         "ss_base_model_version": "sd3",
         "ss_seed": str(ALGO_SEED),
         "ss_num_train_images": "4",
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"stable-diffusion-3/{algo.lower()}",
+        "modelspec.prediction_type": "flow",
+        "modelspec.resolution": "128x128",  # the tiny dataset's 16x16 latents
+        "ss_v2": "False",
     }
     got = {k: meta.get(k) for k in want}
     assert got == want, {k: (got[k], v) for k, v in want.items() if got[k] != v}

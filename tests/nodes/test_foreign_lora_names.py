@@ -145,3 +145,22 @@ def test_kohya_format_uses_the_names_kohya_writes_and_comfyui_maps_every_layer(g
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
     layers = {k.rsplit(".", 2)[0] for k in lora if k.endswith("lora_up.weight")}
     assert len(patches) == len(layers)  # every layer mapped: no "lora key not loaded"
+
+
+def test_continuing_keeps_the_files_alpha_for_every_layer_and_in_the_metadata(glue, loras_dir):
+    """A rank-4, alpha-2 file holding half of the layers, continued with alpha left at its default:
+    the layers it lacked get alpha 2 as well, and the metadata says 2 (it said 4 = rank before)."""
+    train_mod, _, families = glue
+    from training.config import TrainConfig
+
+    patcher, ours = _trained(glue, "sd3")
+    layers = sorted({k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in ours if k.endswith(".alpha")})
+    kept = set(layers[::2])
+    half = {k: v.contiguous() for k, v in ours.items() if any(k.startswith(f"diffusion_model.{p}.") for p in kept)}
+    save_file(half, str(loras_dir / "half.safetensors"), metadata={"ss_steps": "3"})
+    latents, conditioning = families.make_data("sd3")
+    config = TrainConfig(steps=1, rank=RANK, training_dtype="fp32", lora_dtype="fp32")
+    lora, _, total = train_mod.train(patcher, [latents], [conditioning], config, "half.safetensors", None, "loralab/test")
+    alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
+    assert len(alphas) == len(layers) and set(alphas.values()) == {ALPHA}
+    assert lora.metadata["ss_network_alpha"] == lora.metadata["loralab.alpha"] == "2" and total == 4
