@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 
 import comfy.model_management
@@ -13,7 +12,7 @@ import comfy.model_sampling
 import torch
 import torch.nn.functional as F
 
-from ..training.autograd_safe import writes_into_used_tensors
+from ..training.autograd_safe import ThreadGatedPatch, writes_into_used_tensors
 from ..training.config import TrainConfig
 from ..training.data import Sample, collate
 from ..training.objective import Objective
@@ -146,12 +145,12 @@ def lora_key_names(patcher) -> dict[str, str]:
     }
 
 
-def kohya_names(patcher, paths) -> dict[str, str]:
+def kohya_names(patcher, paths, key_names: dict[str, str]) -> dict[str, str]:
     """Module path -> the "lora_unet_" stem kohya sd-scripts writes for it, from ComfyUI's key map.
     sd-scripts names layers after the implementation it trains: diffusers' UNet for SD1.x / SD2
     ("lora_unet_down_blocks_0_attentions_0_proj_in", which A1111, LyCORIS and diffusers read too), its
     own copies of the original code for SDXL, SD3 and Flux (the names ComfyUI uses). Empty, so the
-    original names, for every model that is not an SD1.x / SD2 UNet."""
+    original names, for every model that is not an SD1.x / SD2 UNet. key_names: lora_key_names(patcher)."""
     import comfy.supported_models as sm
 
     sd1_or_2 = tuple(getattr(sm, n) for n in ("SD15", "SD20") if hasattr(sm, n))
@@ -159,7 +158,7 @@ def kohya_names(patcher, paths) -> dict[str, str]:
         return {}
     wanted = set(paths)
     out: dict[str, str] = {}
-    for stem, path in lora_key_names(patcher).items():
+    for stem, path in key_names.items():
         if path in wanted and stem.startswith("lora_unet_") and stem != "lora_unet_" + path.replace(".", "_"):
             out.setdefault(path, stem)
     return out
@@ -336,24 +335,37 @@ def training_mode() -> Iterator[None]:
                 mm.in_training = old
 
 
-_kernels = threading.local()
-_kernels_lock = threading.Lock()
-_kernels_users = 0
-_kernels_saved: dict[str, object] = {}
+_KITCHEN: ThreadGatedPatch | None = None
 
 
-def _graph_call(args, kwargs) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())
-    )
+def _kitchen_patch() -> ThreadGatedPatch | None:
+    """comfy_kitchen's functions that have an eager twin, each routed to the twin for graph calls."""
+    global _KITCHEN
+    if _KITCHEN is None:
+        try:
+            import comfy_kitchen
+            from comfy_kitchen.backends import eager
+        except ImportError:
+            return None
+
+        def routes() -> dict:
+            return {
+                name: functools.partial(_routed, reference=getattr(eager, name))
+                for name in getattr(eager, "__all__", ())
+                if callable(getattr(comfy_kitchen, name, None)) and callable(getattr(eager, name, None))
+            }
+
+        _KITCHEN = ThreadGatedPatch(comfy_kitchen, routes)
+    return _KITCHEN
 
 
 def _routed(native, reference):
     @functools.wraps(native)
     def call(*args, **kwargs):
-        if getattr(_kernels, "depth", 0) and _graph_call(args, kwargs):
-            return reference(*args, **kwargs)
-        return native(*args, **kwargs)
+        graph = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())
+        )
+        return reference(*args, **kwargs) if graph and _KITCHEN.on() else native(*args, **kwargs)
 
     return call
 
@@ -367,29 +379,9 @@ def differentiable_kernels() -> Iterator[None]:
     function instead (plain PyTorch: the library's reference for its kernels), which autograd can
     differentiate. Calls without grad, and every other thread, keep the fused kernel. Feature-detected:
     nothing happens where comfy_kitchen or its eager backend is absent (ComfyUI 0.3.x)."""
-    global _kernels_users
-    try:
-        import comfy_kitchen
-        from comfy_kitchen.backends import eager
-    except ImportError:
+    patch = _kitchen_patch()
+    if patch is None:
         yield
         return
-    with _kernels_lock:
-        if _kernels_users == 0:
-            for name in getattr(eager, "__all__", ()):
-                native, reference = getattr(comfy_kitchen, name, None), getattr(eager, name, None)
-                if callable(native) and callable(reference):
-                    _kernels_saved[name] = native
-                    setattr(comfy_kitchen, name, _routed(native, reference))
-        _kernels_users += 1
-    _kernels.depth = getattr(_kernels, "depth", 0) + 1
-    try:
+    with patch.active():
         yield
-    finally:
-        _kernels.depth -= 1
-        with _kernels_lock:
-            _kernels_users -= 1
-            if _kernels_users == 0:
-                for name, native in _kernels_saved.items():
-                    setattr(comfy_kitchen, name, native)
-                _kernels_saved.clear()

@@ -125,7 +125,9 @@ def train(
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
-        start = _Start.read(existing, config, cm.lora_key_names(patcher)) if existing and existing != NO_LORA else _Start()
+        family = type(patcher.model.model_config).__name__
+        key_names = cm.lora_key_names(patcher)  # every LoRA naming ComfyUI maps onto this model
+        start = _Start.read(existing, config, key_names) if existing and existing != NO_LORA else _Start()
         config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
         targets = find_targets(diffusion, target_patterns(config.targets, config.include),
@@ -143,10 +145,10 @@ def train(
         in_place = cm.in_place_writes(patcher, samples[0], device)
         if in_place:
             log.warning("LoRA Lab: this %s model's code writes in place into tensors it already used (%s); "
-                        "training keeps copies of what backward needs%s", type(patcher.model.model_config).__name__,
+                        "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
-        writer = _Writer(adapters, carried, config, type(patcher.model.model_config).__name__, len(samples),
-                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets),
+        writer = _Writer(adapters, carried, config, family, len(samples),
+                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets, key_names),
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id)

@@ -26,6 +26,7 @@ op: 15 % fewer steps/s on the tiny SD3 model on CPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -33,29 +34,66 @@ from collections.abc import Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["InPlaceWatch", "autograd_safe", "copy_on_write", "is_in_place", "rewritten_count", "writes_into_used_tensors"]
+__all__ = [
+    "InPlaceWatch",
+    "ThreadGatedPatch",
+    "autograd_safe", "copy_on_write", "is_in_place", "rewritten_count", "writes_into_used_tensors"]
+
+class ThreadGatedPatch:
+    """Replaces attributes of ``owner`` (a class or a module) for as long as any thread is inside
+    :meth:`active`; each replacement asks :meth:`on` whether its own thread is inside and otherwise
+    calls what it replaced. Counted: nested and concurrent users share one installation, and the
+    owner's own attributes (or their absence, where they were inherited) come back when the last one
+    leaves. ``replacements()`` maps attribute names to ``make(native) -> replacement``; it is called at
+    each installation."""
+
+    _ABSENT = object()
+
+    def __init__(self, owner, replacements) -> None:
+        self.owner, self.replacements = owner, replacements
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: dict[str, object] = {}
+
+    def on(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                for name, make in self.replacements().items():
+                    self._saved[name] = self.owner.__dict__.get(name, self._ABSENT)
+                    setattr(self.owner, name, make(getattr(self.owner, name)))
+            self._users += 1
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    for name, before in self._saved.items():
+                        if before is self._ABSENT:
+                            delattr(self.owner, name)
+                        else:
+                            setattr(self.owner, name, before)
+                    self._saved.clear()
+
 
 _METHODS = {"__iadd__": torch.add, "__isub__": torch.sub, "__imul__": torch.mul, "__itruediv__": torch.div}
-_local = threading.local()
-_lock = threading.Lock()
-_users = 0
-_saved: dict[str, object] = {}  # method name -> what torch.Tensor's own __dict__ held (absent: inherited)
-_ABSENT = object()
+_local = threading.local()  # rewritten count, native augmented-assignment flag (this thread)
 
 
 def _in_graph(value) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def _make(name: str, op):
-    native = getattr(torch.Tensor, name)
-
+def _make(name: str, op, native):
     def augmented(self, other):
-        if (
-            getattr(_local, "depth", 0)
-            and torch.is_grad_enabled()
-            and (self.requires_grad or _in_graph(other))
-        ):
+        if _AUGMENTED.on() and torch.is_grad_enabled() and (self.requires_grad or _in_graph(other)):
             out = op(self, other)
             if out.dtype != self.dtype:
                 out = out.to(self.dtype)
@@ -75,27 +113,9 @@ def _make(name: str, op):
     return augmented
 
 
-def _install() -> None:
-    global _users
-    with _lock:
-        if _users == 0:
-            for name, op in _METHODS.items():
-                _saved[name] = torch.Tensor.__dict__.get(name, _ABSENT)
-                setattr(torch.Tensor, name, _make(name, op))
-        _users += 1
-
-
-def _uninstall() -> None:
-    global _users
-    with _lock:
-        _users -= 1
-        if _users == 0:
-            for name, before in _saved.items():
-                if before is _ABSENT:
-                    delattr(torch.Tensor, name)
-                else:
-                    setattr(torch.Tensor, name, before)
-            _saved.clear()
+_AUGMENTED = ThreadGatedPatch(
+    torch.Tensor, lambda: {name: functools.partial(_make, name, op) for name, op in _METHODS.items()}
+)
 
 
 def rewritten_count() -> int:
@@ -109,13 +129,8 @@ def autograd_safe(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    _install()
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
+    with _AUGMENTED.active():
         yield
-    finally:
-        _local.depth -= 1
-        _uninstall()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +160,12 @@ class InPlaceWatch(TorchFunctionMode):
 
     @staticmethod
     def _has(table: dict[int, weakref.ref], t: torch.Tensor) -> bool:
-        ref = table.get(id(t))
-        return ref is not None and ref() is t
+        """Whether ``t``, or the tensor it is a view of, is in ``table``."""
+        for candidate in (t, t._base):
+            ref = table.get(id(candidate)) if candidate is not None else None
+            if ref is not None and ref() is candidate:
+                return True
+        return False
 
     def follow(self, *tensors) -> None:
         for t in _tensors(tensors):
@@ -155,7 +174,7 @@ class InPlaceWatch(TorchFunctionMode):
     def _part(self, t: torch.Tensor) -> bool:
         if torch.is_grad_enabled():
             return t.requires_grad
-        return self._has(self.followed, t) or (t._base is not None and self._has(self.followed, t._base))
+        return self._has(self.followed, t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -166,7 +185,7 @@ class InPlaceWatch(TorchFunctionMode):
                 not self.found
                 and not getattr(_local, "native_augmented", False)
                 and self._part(target)
-                and (self._has(self.used, target) or (target._base is not None and self._has(self.used, target._base)))
+                and self._has(self.used, target)
             ):
                 self.found = func.__name__
             out = func(*args, **kwargs)
