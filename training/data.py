@@ -26,22 +26,26 @@ class Sample:
 
 def signature(value: Any) -> tuple:
     """What must agree for two conditioning values to be concatenated along the batch: the shape of a
-    tensor, the signatures of a list's items, the value itself otherwise."""
+    tensor, the signatures of a list's or dict's items, the value itself otherwise."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape[1:]), str(value.dtype))
     if isinstance(value, (list, tuple)):
         return ("list", tuple(signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, signature(v)) for k, v in value.items())))
     return ("value", repr(value))
 
 
 def concat(values: Sequence[Any], device: torch.device) -> Any:
-    """Batch conditioning values of one signature: tensors along dim 0, lists item by item, plain
-    values (equal within a batch) as they are."""
+    """Batch conditioning values of one signature: tensors along dim 0, lists and dicts item by item,
+    plain values (equal within a batch) as they are."""
     first = values[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(list(values)).to(device)
     if isinstance(first, (list, tuple)):
         return type(first)(concat([v[j] for v in values], device) for j in range(len(first)))
+    if isinstance(first, dict):
+        return {k: concat([v[k] for v in values], device) for k in first}
     return first
 
 

@@ -12,7 +12,7 @@ from lora import get_algorithm
 from lora.inject import AdapterSet, find_targets, frozen, group_file_keys, target_patterns
 from training.checkpoint import load_training_state, save_training_state, state_path_for
 from training.config import TrainConfig
-from training.data import Sample
+from training.data import Sample, collate
 from training.loop import ResumeState, derive_seed, run_training
 from training.objective import Objective
 from training.schedule import lr_at
@@ -150,3 +150,21 @@ def test_min_snr_weights_and_flow_shift():
 
 def test_samples_can_be_loaded_from_any_shape():
     assert Sample(torch.zeros(4, 8, 8)).bucket_key() != Sample(torch.zeros(4, 8, 12)).bucket_key()
+
+
+def test_conditioning_values_batch_by_shape_and_plain_value_lists_and_dicts_alike():
+    def sample(seed, rate=25, ref_shape=(1, 4, 8, 8)):
+        g = torch.Generator().manual_seed(seed)
+        return Sample(torch.zeros(4, 8, 8), {
+            "c": torch.randn(1, 3, 5, generator=g), "frame_rate": rate,
+            "ref": [torch.randn(ref_shape, generator=g)], "extra": {"mask": torch.randn(1, 3, generator=g)},
+        })  # fmt: skip
+
+    a, b = sample(0), sample(1)
+    assert a.bucket_key() == b.bucket_key()  # other values, same shapes: one batch
+    assert sample(2, rate=24).bucket_key() != a.bucket_key()
+    assert sample(3, ref_shape=(1, 4, 8, 4)).bucket_key() != a.bucket_key()
+    _, cond = collate([a, b], [0, 1], torch.device("cpu"))
+    assert cond["frame_rate"] == 25
+    torch.testing.assert_close(cond["ref"][0], torch.cat([a.cond["ref"][0], b.cond["ref"][0]]))
+    torch.testing.assert_close(cond["extra"]["mask"], torch.cat([a.cond["extra"]["mask"], b.cond["extra"]["mask"]]))
