@@ -4,8 +4,7 @@ Each family names the ``comfy.supported_models`` class ComfyUI uses for it (so m
 format, conditioning and the LoRA key map are ComfyUI's own) and a small configuration of the family's
 network (hidden sizes of a few dozen, one or two blocks of each kind, 1-6 M parameters). ComfyUI's
 detection pins some sizes of real checkpoints (Flux: 24 heads of 128; Z-Image: width 3840), so the
-models are built in-process from the configuration instead of through a file; what detection would
-make of the same tensors is checked by ``detected_class``.
+models are built in-process from the configuration instead of through a file.
 
 The data of a family is what ComfyUI's own nodes hand a sampler: latents of the family's channels (with
 a time axis for video families) and a CONDITIONING with the text-encoder width, pooled output and the
@@ -38,7 +37,6 @@ class Family:
     concat_latent: bool = False  # Wan i2v: the start frame latent as concat_latent_image
     llama_layers: int = 0  # HiDream: Llama hidden states of this many layers as conditioning_llama3
     prediction: str = "flow"  # the target the family trains on: eps, v, flow, raw (the network's output)
-    v_prediction: bool = False  # SD2 768-v: the UNet with v-prediction sampling
     # its code writes in place into tensors it already used: the trainer finds that before training and
     # trains it with copy-on-write of what backward needs, without gradient checkpointing
     in_place_writes: bool = False
@@ -70,7 +68,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("sd15", "SD15", _unet(context_dim=64), (4, 16, 16), (8, 64), prediction="eps"),
     # SD2 and SDXL pin 64 channels per attention head (their unet_extra_config)
     Family("sd2_v", "SD20", _unet(context_dim=64, model_channels=64, use_linear_in_transformer=True), (4, 16, 16), (8, 64),
-           prediction="v", v_prediction=True),
+           prediction="v"),  # SD2 768-v: the UNet with v-prediction sampling
     Family("sdxl", "SDXL", _unet(context_dim=64, model_channels=64, use_linear_in_transformer=True, adm_in_channels=2816,
                                  num_classes="sequential"), (4, 16, 16), (8, 64), pooled=1280, prediction="eps"),
     Family("sd3", "SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32,
@@ -167,13 +165,13 @@ def build_model(name: str, weight_dtype: str = "default", seed: int = 0):
 
     fam = FAMILIES[name]
     cls = getattr(comfy.supported_models, fam.model_class)
-    config = {k: v for k, v in fam.config.items()}
+    config = dict(fam.config)
     dtype, manual_cast = (torch.float8_e4m3fn, torch.float32) if weight_dtype == "fp8_e4m3fn" else (torch.float32, None)
     while True:
         model_config = cls(dict(config))
         model_config.set_inference_dtype(dtype, manual_cast)
         try:
-            if fam.v_prediction:
+            if fam.prediction == "v":  # the UNet's v-prediction variant (SD20 picks it from real weights)
                 model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
             else:
                 model = model_config.get_model({}, "")
@@ -208,19 +206,6 @@ def fill_state_dict(shapes: dict, seed: int) -> dict:
         else:
             out[name] = torch.randn(shape, generator=gen) * 0.02
     return out
-
-
-def detected_class(model) -> str | None:
-    """The supported_models class ComfyUI's own detection picks for the model's tensors (None where
-    the tiny sizes are outside what detection reads)."""
-    import comfy.model_detection
-
-    sd = model.model.diffusion_model.state_dict()
-    try:
-        config = comfy.model_detection.model_config_from_unet(sd, "")
-    except Exception:  # detection pins sizes (e.g. Flux heads) and may fail on tiny shapes
-        return None
-    return type(config).__name__ if config is not None else None
 
 
 def make_data(name: str, count: int = 2, seed: int = 0) -> tuple[dict, list]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.server import TESTKIT_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 # LORALAB_COMFY_DIR: another ComfyUI tree (run pytest with that ComfyUI's Python too)
 COMFYUI_ROOT = Path(os.environ.get("LORALAB_COMFY_DIR") or ROOT / ".comfyui" / "ComfyUI").resolve()
@@ -43,3 +45,18 @@ def comfy_glue():
         nodes.__path__ = [str(ROOT / "nodes")]
         sys.modules[nodes.__name__] = nodes
     return lambda name: importlib.import_module(f"{PACK}.nodes.{name}")
+
+
+@pytest.fixture(scope="session")
+def cm(comfy_glue):
+    """The pack's ComfyUI glue, ``nodes/comfy_model.py``."""
+    return comfy_glue("comfy_model")
+
+
+@pytest.fixture(scope="session")
+def families(comfy_glue):
+    """``tests/comfy_testkit/families.py``: tiny models of every family (imports comfy)."""
+    testkit = str(TESTKIT_DIR)
+    if testkit not in sys.path:
+        sys.path.insert(0, testkit)
+    return importlib.import_module("families")

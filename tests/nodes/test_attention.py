@@ -8,11 +8,6 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def cm(comfy_glue):
-    return comfy_glue("comfy_model")
-
-
-@pytest.fixture(scope="module")
 def attention(cm):
     from comfy.ldm.modules import attention
 

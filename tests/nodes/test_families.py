@@ -23,18 +23,6 @@ from training.checkpointing import InPlaceError, gradient_checkpointing, repeate
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def cm(comfy_glue):
-    return comfy_glue("comfy_model")
-
-
-@pytest.fixture(scope="module")
-def families(cm):
-    import families as fam_module
-
-    return fam_module
-
-
 def _build(families, name):
     if not families.available(name):
         pytest.skip(f"this ComfyUI has no {FAMILIES[name].model_class} model class")

@@ -6,25 +6,18 @@ same weights and alpha; a file for another model names a file key and an expecte
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from harness.server import TESTKIT_DIR
-
-sys.path.insert(0, str(TESTKIT_DIR))
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 2.0
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue):
-    import families
-
-    return comfy_glue("train"), comfy_glue("comfy_model"), families
+def glue(comfy_glue, cm, families):
+    return comfy_glue("train"), cm, families
 
 
 @pytest.fixture
