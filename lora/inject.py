@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -201,66 +203,139 @@ SUFFIX_ALIASES = {
 
 
 def normalize_file_keys(
-    sd: Mapping[str, torch.Tensor], names: Mapping[str, str], alpha: float | None = None,
-    prefix: str = "diffusion_model.",
+    sd: Mapping[str, torch.Tensor], names: Mapping[str, str],
+    alpha: Callable[[str], float | None] | None = None, prefix: str = "diffusion_model.",
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A LoRA file in any naming the model's loader maps -> our "<prefix><path>.<suffix>" keys.
 
     names: file stem -> module path (kohya names of either SD naming, diffusers / peft "unet." /
     "transformer." names, LyCORIS "lycoris_" names: the loader's own key map for this model).
-    Factor spellings of other tools (SUFFIX_ALIASES) become ours; alpha: the scale numerator of a file
-    that keeps it outside the tensors (peft's lora_adapter_metadata), added to layers without an alpha
-    key. Keys that map to no whole layer (other models, split projections of a fused layer) stay as
-    they are."""
+    Factor spellings of other tools (SUFFIX_ALIASES) become ours; alpha: file stem -> the scale
+    numerator of a file that keeps it outside the tensors (peft's lora_adapter_metadata), added to
+    layers without an alpha key. Keys that map to no whole layer (other models, split projections of a
+    fused layer) stay as they are."""
     suffixes = sorted({*ADAPTER_SUFFIXES, *SUFFIX_ALIASES}, key=len, reverse=True)
     out: dict[str, torch.Tensor] = {}
+    factored: dict[str, str] = {}  # our stem of a layer with lora_down / lora_up -> its stem in the file
     for key, value in sd.items():
         for suffix in suffixes:
             if key.endswith("." + suffix):
-                path = names.get(key[: -len(suffix) - 1])
+                stem = key[: -len(suffix) - 1]
+                path = names.get(stem)
                 if path is not None:
-                    key = f"{prefix}{path}.{SUFFIX_ALIASES.get(suffix, suffix)}"
+                    ours = SUFFIX_ALIASES.get(suffix, suffix)
+                    key = f"{prefix}{path}.{ours}"
+                    if ours in ("lora_down.weight", "lora_up.weight"):
+                        factored[f"{prefix}{path}"] = stem
+                elif key.startswith(prefix) and suffix in ("lora_down.weight", "lora_up.weight"):
+                    factored[stem] = stem
                 break
         out[key] = value
     if alpha is not None:
-        stems = {k.rsplit(".", 2)[0] for k in out if k.startswith(prefix) and k.endswith(("lora_down.weight", "lora_up.weight"))}
-        for stem in stems:
-            out.setdefault(f"{stem}.{ALPHA_KEY}", torch.tensor(float(alpha)))
+        for ours, stem in factored.items():
+            value = alpha(stem)
+            if value is not None:
+                out.setdefault(f"{ours}.{ALPHA_KEY}", torch.tensor(float(value)))
     return out
 
 
-KEY_FORMATS = ("comfyui", "kohya")
+KEY_FORMATS = ("comfyui", "kohya", "diffusers")
 
 
 def convert_key_format(
-    sd: Mapping[str, torch.Tensor], key_format: str, prefix: str = "diffusion_model.",
-    kohya_names: Mapping[str, str] | None = None,
-) -> dict:  # fmt: skip
-    """LORA_MODEL keys "<prefix><path>.<suffix>" -> the chosen file naming. "comfyui" keeps them;
-    "kohya" writes "<stem>.<suffix>" with the stem kohya sd-scripts uses for that layer of the model
-    (kohya_names: path -> stem, from the trainer; SD1.x / SD2 use diffusers module names there), else
-    "lora_unet_<path with dots as _>" (the model's own module names, as kohya uses for SDXL, SD3 and
-    Flux). Tensor layouts are already the ones those tools expect (conv LoRA down [r, in, kh, kw],
-    up [out, r, 1, 1]). Keys without the prefix are kept."""
-    kohya_names = kohya_names or {}
+    sd: Mapping[str, torch.Tensor], key_format: str, file_names: Mapping[str, Mapping] | None = None,
+    prefix: str = "diffusion_model.",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """LORA_MODEL keys "<prefix><path>.<suffix>" -> (tensors, metadata to add) in the chosen file naming.
+
+    comfyui: keys as they are. kohya: "<stem>.<suffix>" with the stem kohya sd-scripts uses for the
+    layer (file_names["kohya"]: path -> stem; SD1.x / SD2 use diffusers module names there), else
+    "lora_unet_<path with dots as _>" (the model's own module names, as kohya uses for SDXL, SD3, Flux).
+    diffusers: see to_peft_names (file_names["diffusers"]). Tensor layouts are already the ones those
+    tools expect (conv LoRA down [r, in, kh, kw], up [out, r, 1, 1]). Keys without the prefix are kept."""
+    file_names = file_names or {}
     if key_format == "comfyui":
-        return dict(sd)
+        return dict(sd), {}
+    if key_format == "diffusers":
+        return to_peft_names(sd, file_names.get("diffusers") or {}, prefix)
     if key_format != "kohya":
         raise ValueError(f"key_format must be one of {', '.join(KEY_FORMATS)}; got {key_format!r}")
+    kohya_names = file_names.get("kohya") or {}
     out = {}
     for key, value in sd.items():
-        if not key.startswith(prefix):
+        path, suffix = _split_key(key, prefix, ADAPTER_SUFFIXES + DELTA_SUFFIXES)
+        if path is None:
+            out[key] = value
+        else:
+            out[kohya_names.get(path, "lora_unet_" + path.replace(".", "_")) + "." + suffix] = value
+    return out, {}
+
+
+def _split_key(key: str, prefix: str, suffixes: Sequence[str]) -> tuple[str | None, str]:
+    """"<prefix><path>.<suffix>" -> (path, suffix); (None, "") for a key of another shape."""
+    if key.startswith(prefix):
+        for suffix in suffixes:
+            if key.endswith("." + suffix):
+                return key[len(prefix) : -len(suffix) - 1], suffix
+    return None, ""
+
+
+_LORA_FILE_KEYS = ("lora_down.weight", "lora_up.weight", ALPHA_KEY)
+
+
+def to_peft_names(
+    sd: Mapping[str, torch.Tensor], names: Mapping[str, Sequence[tuple[str, tuple[int, int] | None]]],
+    prefix: str = "diffusion_model.",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """A LoRA in the naming diffusers and peft write and read: "<name>.lora_A.weight" (down) and
+    "<name>.lora_B.weight" (up), names from ``names`` (path -> [(name, output rows or None)]: "unet." /
+    "transformer." module names; a fused layer diffusers splits gets one pair per part, sharing A),
+    else "<prefix><path>" (the model's own names, which ComfyUI and ai-toolkit use).
+
+    peft files carry no alpha tensors, and ComfyUI ignores the alpha peft keeps in its metadata, so
+    each layer's scale alpha / rank is folded into B and alpha equals rank: every reader computes the
+    same ΔW. The metadata key ``lora_adapter_metadata`` holds the peft LoraConfig diffusers writes
+    (per component: r, lora_alpha, target_modules, rank / alpha patterns). LoRA only: LoHa and LoKr
+    have no peft naming that diffusers and ComfyUI both read."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        path, suffix = _split_key(key, prefix, ADAPTER_SUFFIXES)
+        if path is None:  # full-size deltas, other keys: kept under their own names
             out[key] = value
             continue
-        name = key[len(prefix) :]
-        for suffix in ADAPTER_SUFFIXES + DELTA_SUFFIXES:
-            if name.endswith("." + suffix):
-                path = name[: -len(suffix) - 1]
-                out[kohya_names.get(path, "lora_unet_" + path.replace(".", "_")) + "." + suffix] = value
-                break
-        else:
-            out[key] = value
-    return out
+        if suffix not in _LORA_FILE_KEYS:
+            raise ValueError(
+                f"key_format: 'diffusers' holds LoRA weights only (peft lora_A / lora_B), but layer {path} has "
+                f"'{suffix}' (a LoHa / LoKr / other variant); save it with key_format comfyui or kohya"
+            )
+        groups.setdefault(path, {})[suffix] = value
+    ranks: dict[str, dict[str, int]] = {}  # component ("unet", "transformer") -> module name -> rank
+    for path, group in groups.items():
+        down, up = group.get("lora_down.weight"), group.get("lora_up.weight")
+        if down is None or up is None:
+            raise ValueError(f"key_format: layer {path} lacks lora_down or lora_up; it cannot be written for diffusers")
+        rank = down.shape[0]
+        alpha = float(group[ALPHA_KEY]) if ALPHA_KEY in group else float(rank)
+        if alpha != rank:
+            up = (up.float() * (alpha / rank)).to(up.dtype)
+        parts = names.get(path) or [(prefix + path, None)]
+        for i, (name, rows) in enumerate(parts):
+            out[f"{name}.lora_A.weight"] = down if i == 0 else down.clone()  # safetensors refuses shared storage
+            out[f"{name}.lora_B.weight"] = (up if rows is None else up[rows[0] : rows[1]]).contiguous()
+            component, _, module = name.partition(".")
+            if component in ("unet", "transformer"):
+                ranks.setdefault(component, {})[module] = rank
+    config: dict[str, object] = {}
+    for component, modules in ranks.items():
+        counts: dict[int, int] = {}
+        for r in modules.values():
+            counts[r] = counts.get(r, 0) + 1
+        r = max(counts, key=lambda k: (counts[k], -k))
+        pattern = {f"^{re.escape(m)}": rk for m, rk in sorted(modules.items()) if rk != r}
+        config.update({f"{component}.r": r, f"{component}.lora_alpha": r, f"{component}.target_modules": sorted(modules),
+                       f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern)})  # fmt: skip
+    return out, ({"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)} if config else {})
 
 
 @contextlib.contextmanager

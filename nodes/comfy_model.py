@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import comfy.model_management
 import comfy.model_sampling
@@ -126,23 +126,105 @@ def _owned(value):
     return value
 
 
-def lora_key_names(patcher) -> dict[str, str]:
-    """File stem -> module path (relative to the diffusion model) for every LoRA naming ComfyUI's own
-    loader maps onto this model (its key map: kohya names of both SD namings, diffusers / peft
-    "unet." / "transformer.", LyCORIS "lycoris_", ...). Names that address a slice of a fused layer
-    (diffusers' separate q / k / v of Flux's qkv) are left out: they cannot become one adapter."""
+def _key_map(patcher) -> dict:
+    """ComfyUI's LoRA key map for this model (file stem -> weight key, or (key, slice) for a part of a
+    fused weight); empty on a ComfyUI without it (feature-detected)."""
     try:
         import comfy.lora
 
-        key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
-    except (ImportError, AttributeError):  # feature-detected: a ComfyUI without the key map
+        return comfy.lora.model_lora_keys_unet(patcher.model, {})
+    except (ImportError, AttributeError):
         return {}
+
+
+def _unet_diffusers_paths(patcher) -> dict[str, list[str]]:
+    """Module path -> diffusers' module path(s), for UNet models (SD1.x, SD2, SDXL), from ComfyUI's own
+    UNet-to-diffusers table; empty for every other model. The one the writer uses comes first: the table
+    names SDXL's label embedder both "add_embedding" (diffusers' SDXL) and "class_embedding" (SD2 unCLIP)."""
+    config = getattr(patcher.model.model_config, "unet_config", None) or {}
+    if "num_res_blocks" not in config:
+        return {}
+    try:
+        import comfy.utils
+
+        table = comfy.utils.unet_to_diffusers(config)
+    except Exception:  # feature-detected: a ComfyUI without the table, or a UNet variant it does not know
+        return {}
+    import comfy.model_base as mb
+
+    sdxl = isinstance(patcher.model, tuple(getattr(mb, n) for n in ("SDXL", "SDXLRefiner") if hasattr(mb, n)))
+    first = "add_embedding." if sdxl else "class_embedding."
+    w = ".weight"
+    out: dict[str, list[str]] = {}
+    for theirs, ours in table.items():
+        if isinstance(ours, str) and theirs.endswith(w) and ours.endswith(w):
+            names = out.setdefault(ours[: -len(w)], [])
+            names.insert(0 if theirs.startswith(first) else len(names), theirs[: -len(w)])
+    return out
+
+
+def lora_key_names(patcher) -> dict[str, str]:
+    """File stem -> module path (relative to the diffusion model) for every LoRA naming ComfyUI's own
+    loader maps onto this model (its key map: kohya names of both SD namings, diffusers / peft
+    "unet." / "transformer.", LyCORIS "lycoris_", ...), plus the attention names diffusers and peft
+    write today for UNets ("unet.<...>.attn1.to_q"; ComfyUI's map has only the old
+    "attn1.processor.to_q"). Names that address a slice of a fused layer (diffusers' separate q / k / v
+    of Flux's qkv) are left out: they cannot become one adapter."""
     prefix, suffix = "diffusion_model.", ".weight"
-    return {
+    out = {
         stem: target[len(prefix) : -len(suffix)]
-        for stem, target in key_map.items()
+        for stem, target in _key_map(patcher).items()
         if isinstance(target, str) and target.startswith(prefix) and target.endswith(suffix)
     }
+    for path, names in _unet_diffusers_paths(patcher).items():
+        for theirs in names:
+            out.setdefault(theirs, path)
+            out.setdefault("unet." + theirs, path)
+    return out
+
+
+def diffusers_names(patcher, targets: Mapping[str, tuple]) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """Module path -> the peft / diffusers module names a diffusers-format file uses for it, each with
+    the rows of the layer's output it covers (None: all of them). UNets: "unet." + diffusers' module
+    path. Other models: ComfyUI's "transformer." names for the layer, and where diffusers splits a fused
+    layer (Flux's qkv, single blocks' linear1), its parts when they cover the output exactly. Layers
+    with no such name are left out (the writer keeps "diffusion_model.<path>" for them).
+    targets: path -> (weight shape, conv spec)."""
+    unet = _unet_diffusers_paths(patcher)
+    if unet:
+        return {p: [("unet." + unet[p][0], None)] for p in targets if p in unet}
+    prefix, suffix = "diffusion_model.", ".weight"
+    whole: dict[str, str] = {}
+    parts: dict[str, list[tuple[str, tuple[int, int]]]] = {}
+    for stem, target in _key_map(patcher).items():
+        if not stem.startswith("transformer."):
+            continue
+        if isinstance(target, str):
+            key, rows = target, None
+        elif (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
+              and isinstance(target[1], tuple) and len(target[1]) == 3 and target[1][0] == 0):  # fmt: skip
+            key, (_, offset, size) = target
+            rows = (int(offset), int(offset) + int(size))
+        else:
+            continue
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        path = key[len(prefix) : -len(suffix)]
+        if path not in targets:
+            continue
+        if rows is None:
+            whole.setdefault(path, stem)
+        else:
+            parts.setdefault(path, []).append((stem, rows))
+    out: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    for path in targets:
+        split = sorted(parts.get(path, []), key=lambda item: item[1])
+        ends = [0] + [end for _, (_, end) in split]
+        if split and all(start == ends[i] for i, (_, (start, _)) in enumerate(split)) and ends[-1] == targets[path][0][0]:
+            out[path] = list(split)
+        elif path in whole:
+            out[path] = [(whole[path], None)]
+    return out
 
 
 def kohya_names(patcher, paths, key_names: dict[str, str]) -> dict[str, str]:

@@ -19,12 +19,13 @@ import torch
 from comfy_api.latest import io
 from PIL.PngImagePlugin import PngInfo
 
-from ..lora.inject import KEY_FORMATS, convert_key_format
+from ..lora.inject import KEY_FORMATS, convert_key_format, normalize_file_keys
 from ..training.lorafile import (
     LORA_SUFFIX,
     LoraStateDict,
     earlier_steps,
     next_free_path,
+    peft_alphas,
     prefix_location,
     read_lora_file,
     safe_prefix,
@@ -99,9 +100,14 @@ class LoraLab_SaveLora(io.ComfyNode):
                     default="comfyui",
                     optional=True,
                     tooltip="comfyui: diffusion_model.<module> keys (ComfyUI's own trainer and loaders). "
-                    "kohya: lora_unet_ keys as kohya sd-scripts writes them for the model (SD1.x / SD2: diffusers module "
-                    "names, which A1111 / Forge / LyCORIS / diffusers read; SDXL, SD3, Flux and the rest: the model's own "
-                    "module names; a LoRA from Load LoRA file keeps the model's own names). ComfyUI reads all of them.",
+                    "kohya: lora_unet_ keys as kohya sd-scripts / musubi-tuner write them for the model (SD1.x / SD2: "
+                    "diffusers module names, which A1111 / Forge / LyCORIS / diffusers read; SDXL, SD3, Flux, Wan, "
+                    "HunyuanVideo, Qwen-Image and the rest: the model's own module names). diffusers: peft names "
+                    "(lora_A / lora_B, alpha folded into lora_B) under unet. / transformer. where diffusers has names "
+                    "for the model (SD1.x, SD2, SDXL, SD3, Flux with its q / k / v split, AuraFlow, Qwen-Image, "
+                    "HiDream), else diffusion_model.<module> as ai-toolkit writes them; LoRA only. ComfyUI reads all "
+                    "of them (SD UNet diffusers files through Apply LoRA (LoRA Lab) or existing_lora: stock loaders "
+                    "skip their attention layers). A LoRA from Load LoRA file keeps the names it has.",
                 ),
             ],
             outputs=[
@@ -121,11 +127,17 @@ class LoraLab_SaveLora(io.ComfyNode):
     def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui") -> io.NodeOutput:
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
-        tensors = convert_key_format(lora, key_format, kohya_names=getattr(lora, "kohya_names", None))
+        try:
+            tensors, format_metadata = convert_key_format(lora, key_format, getattr(lora, "file_names", None))
+        except ValueError as exc:
+            raise ValueError(f"Save LoRA: {exc}") from exc
         root = loras_root()
         folder, stem = prefix_location(root, filename_prefix)
 
         metadata = {str(k): str(v) for k, v in (getattr(lora, "metadata", None) or {}).items()}
+        metadata.update(format_metadata)
+        if key_format == "diffusers" and "ss_network_dim" in metadata:  # alpha is folded into the weights
+            metadata["ss_network_alpha"] = metadata["loralab.alpha"] = metadata["ss_network_dim"]
         if steps is not None:
             steps = int(steps)
             metadata["loralab.steps"] = str(steps)
@@ -325,7 +337,11 @@ class LoraLab_ApplyLora(io.ComfyNode):
             node_id="LoraLab_ApplyLora",
             display_name="Apply LoRA (LoRA Lab)",
             category=CATEGORY,
-            description="Applies LORA_MODEL weights (from a trainer or Load LoRA file) to a model at a strength.",
+            description=(
+                "Applies LORA_MODEL weights (from a trainer or Load LoRA file) to a model at a strength. Reads every "
+                "naming ComfyUI's loader reads, plus the attention layers of diffusers / peft SD UNet files (which "
+                "stock loaders skip) and the alpha peft keeps in a file's metadata."
+            ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to apply the adapter to; it is not changed."),
                 LORA_MODEL.Input("lora", tooltip="Adapter weights (LORA_MODEL)."),
@@ -341,7 +357,16 @@ class LoraLab_ApplyLora(io.ComfyNode):
             return io.NodeOutput(model)
         import comfy.sd
 
-        return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0])
+        return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, model_keys(model, lora), strength, 0)[0])
+
+
+def model_keys(model, lora: Mapping) -> dict:
+    """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
+    a peft file's metadata on its layers; keys that map to no whole layer stay as they are (ComfyUI's
+    loader still applies what it knows, e.g. parts of fused layers)."""
+    from . import comfy_model as cm
+
+    return normalize_file_keys(lora, cm.lora_key_names(model), peft_alphas(getattr(lora, "metadata", None)))
 
 
 NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_ApplyLora, LoraLab_PlotLoss]

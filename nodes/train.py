@@ -36,7 +36,7 @@ from ..training.lorafile import (
     LoraStateDict,
     build_metadata,
     earlier_steps,
-    peft_alpha,
+    peft_alphas,
     prefix_location,
     read_lora_file,
 )
@@ -148,7 +148,9 @@ def train(
                         "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         writer = _Writer(adapters, carried, config, family, len(samples),
-                         loras_folder, checkpoint_prefix, cm.kohya_names(patcher, targets, key_names),
+                         loras_folder, checkpoint_prefix,
+                         {"kohya": cm.kohya_names(patcher, targets, key_names),
+                          "diffusers": cm.diffusers_names(patcher, targets)},
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id)
@@ -216,10 +218,10 @@ class _Writer:
     a LoRA file plus its training-state sidecar, never one without the other."""
 
     def __init__(self, adapters: AdapterSet, carried: dict, config: TrainConfig, family: str, dataset_size: int,
-                 loras_folder: Path, checkpoint_prefix: str, kohya_names: dict[str, str] | None = None,
+                 loras_folder: Path, checkpoint_prefix: str, file_names: dict[str, dict] | None = None,
                  model_info: dict | None = None):  # fmt: skip
         self.adapters, self.carried, self.config = adapters, carried, config
-        self.kohya_names = kohya_names or {}
+        self.file_names = file_names or {}  # key format -> path -> names (LoraStateDict.file_names)
         self.model_info = model_info or {}  # prediction_type, resolution: file metadata
         self.family, self.dataset_size = family, dataset_size
         self.loras_folder, self.checkpoint_prefix = loras_folder, checkpoint_prefix
@@ -228,7 +230,7 @@ class _Writer:
     def lora(self, step: int, loss: float) -> LoraStateDict:
         config = self.config
         sd = LoraStateDict(self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]),
-                           kohya_names=self.kohya_names)
+                           file_names=self.file_names)
         sd.update(self.carried)
         sd.metadata = build_metadata(
             steps=step, algorithm=config.algorithm, rank=config.rank,
@@ -267,7 +269,7 @@ class _Start:
             raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
         try:
             sd, meta = read_lora_file(path)
-            sd = normalize_file_keys(sd, key_names or {}, peft_alpha(meta))
+            sd = normalize_file_keys(sd, key_names or {}, peft_alphas(meta))
             found = detect_algorithm(sd.keys())
         except ValueError as e:
             raise ValueError(f"existing_lora: {e}") from e

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -74,15 +74,17 @@ class LoraStateDict(dict):
     """
 
     def __init__(self, *args, metadata: Mapping[str, str] | None = None,
-                 kohya_names: Mapping[str, str] | None = None, **kwargs):  # fmt: skip
+                 file_names: Mapping[str, Mapping] | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.metadata: dict[str, str] = dict(metadata or {})
-        # module path -> the "lora_unet_..." stem kohya sd-scripts uses for it on the model this LoRA
-        # was trained on (see nodes.comfy_model.kohya_names); not written into files
-        self.kohya_names: dict[str, str] = dict(kohya_names or {})
+        # key format -> module path -> that format's name(s) for the layer on the model this LoRA was
+        # trained on: "kohya" the "lora_unet_..." stem kohya sd-scripts uses (nodes.comfy_model.kohya_names),
+        # "diffusers" the peft module names with the output rows each covers (comfy_model.diffusers_names).
+        # Not written into files; a LoRA read from a file has none, and keeps the model's own names.
+        self.file_names: dict[str, dict] = {k: dict(v) for k, v in (file_names or {}).items()}
 
     def copy(self) -> LoraStateDict:  # dict.copy() would drop the metadata
-        return LoraStateDict(self, metadata=self.metadata, kohya_names=self.kohya_names)
+        return LoraStateDict(self, metadata=self.metadata, file_names=self.file_names)
 
     def __repr__(self) -> str:
         return f"LoraStateDict({len(self)} tensors, {len(self.metadata)} metadata keys)"
@@ -734,10 +736,24 @@ def build_metadata(
     return out
 
 
-def peft_alpha(metadata: Mapping[str, str] | None) -> float | None:
-    """The LoRA alpha a diffusers / peft file keeps outside its tensors: ``lora_adapter_metadata``
-    JSON with ``lora_alpha`` (at the top, or under one component such as "unet" / "transformer").
-    None when the file has none or it is unreadable (layers then keep alpha = rank, scale 1)."""
+# peft's pattern keys are regular expressions; only plain ones are honoured (literal text, ".", "\\.",
+# "^", "$", "[...]" and at most one "*"), so a file's metadata cannot make matching slow.
+_PLAIN_PATTERN = re.compile(r"^\^?(?:[\w\-]|\\.|\.|\[[^\]]{1,40}\]|\*|\?){1,400}\$?$")
+
+
+def _peft_field(value, kind=float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return kind(value)
+    return None
+
+
+def peft_alphas(metadata: Mapping[str, str] | None) -> Callable[[str], float | None] | None:
+    """The LoRA alpha a diffusers / peft file keeps outside its tensors, per layer: file stem (e.g.
+    "unet.down_blocks.0.attentions.0.proj_in") -> alpha, from ``lora_adapter_metadata``. That JSON is a
+    peft LoraConfig, either flat ("lora_alpha", "alpha_pattern") or per component the way diffusers
+    writes it ("unet.lora_alpha", "transformer.alpha_pattern") or nested ({"unet": {...}}); an
+    alpha_pattern entry wins over lora_alpha. None when the file has no such metadata; the function
+    returns None for a layer it says nothing about (that layer then keeps alpha = rank, scale 1)."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return None
@@ -745,9 +761,40 @@ def peft_alpha(metadata: Mapping[str, str] | None) -> float | None:
         info = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    candidates = [info] + [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
-    for entry in candidates:
-        value = entry.get("lora_alpha")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return float(value)
-    return None
+    if not isinstance(info, dict):
+        return None
+    configs: dict[str, dict] = {}  # component ("" for a flat config) -> its fields
+    for key, value in info.items():
+        if isinstance(value, dict) and "." not in str(key) and key not in ("alpha_pattern", "rank_pattern"):
+            configs.setdefault(str(key), {}).update(value)
+        elif "." in str(key):
+            component, _, field = str(key).partition(".")
+            configs.setdefault(component, {})[field] = value
+        else:
+            configs.setdefault("", {})[str(key)] = value
+    rules: list[tuple[str, list[tuple[re.Pattern, float]], float | None]] = []
+    for component in sorted(configs, key=len, reverse=True):  # a component's own config before a flat one
+        fields = configs[component]
+        patterns = []
+        raw_patterns = fields.get("alpha_pattern")
+        for pattern, value in (raw_patterns.items() if isinstance(raw_patterns, dict) else ()):
+            alpha = _peft_field(value)
+            if alpha is not None and isinstance(pattern, str) and _PLAIN_PATTERN.match(pattern) and pattern.count("*") <= 1:
+                try:
+                    patterns.append((re.compile(rf"(.*\.)?({pattern})$"), alpha))
+                except re.error:
+                    continue
+        rules.append((component, patterns, _peft_field(fields.get("lora_alpha"))))
+
+    def alpha_for(stem: str) -> float | None:
+        for component, patterns, default in rules:
+            if component and not stem.startswith(component + "."):
+                continue
+            module = stem[len(component) + 1 :] if component else stem
+            for pattern, alpha in patterns:
+                if pattern.match(module):
+                    return alpha
+            return default
+        return None
+
+    return alpha_for

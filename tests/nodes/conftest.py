@@ -60,3 +60,14 @@ def families(comfy_glue):
     if testkit not in sys.path:
         sys.path.insert(0, testkit)
     return importlib.import_module("families")
+
+
+@pytest.fixture
+def loras_dir(tmp_path, comfy_glue):
+    """A temporary folder as ComfyUI's first (default) loras folder for the test."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    yield tmp_path
+    folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    folder_paths.filename_list_cache.pop("loras", None)

@@ -20,16 +20,6 @@ def glue(comfy_glue, cm, families):
     return comfy_glue("train"), cm, families
 
 
-@pytest.fixture
-def loras_dir(tmp_path, glue):
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
-    yield tmp_path
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def _trained(glue, family):
     """A rank-4, alpha-2 LoRA of the family's tiny model with non-zero factors (3 steps)."""
     train_mod, _, families = glue
@@ -128,8 +118,8 @@ def test_kohya_format_uses_the_names_kohya_writes_and_comfyui_maps_every_layer(g
     from lora.inject import convert_key_format
 
     patcher, lora = _trained(glue, family)
-    assert bool(lora.kohya_names) == diffusers_names
-    tensors = convert_key_format(lora, "kohya", kohya_names=lora.kohya_names)
+    assert bool(lora.file_names["kohya"]) == diffusers_names
+    tensors, _ = convert_key_format(lora, "kohya", lora.file_names)
     assert len(tensors) == len(lora) and all(k.startswith("lora_unet_") for k in tensors)
     ldm = any(part in k for k in tensors for part in ("input_blocks", "output_blocks", "middle_block"))
     if diffusers_names:
