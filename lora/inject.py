@@ -239,6 +239,63 @@ def normalize_file_keys(
     return out
 
 
+_DOWN_NAMES = ("lora_down.weight", *(k for k, v in SUFFIX_ALIASES.items() if v == "lora_down.weight"))
+_UP_NAMES = ("lora_up.weight", *(k for k, v in SUFFIX_ALIASES.items() if v == "lora_up.weight"))
+
+
+def merge_split_layers(
+    sd: Mapping[str, torch.Tensor], parts: Mapping[str, tuple[str, tuple[int, int], int]],
+    alpha: Callable[[str], float | None] | None = None, prefix: str = "diffusion_model.",
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """LoRA factors a file keeps per part of a fused layer (diffusers' separate to_q / to_k / to_v of
+    Flux's qkv) -> one LoRA of the fused layer, "<prefix><path>.lora_down / lora_up / alpha", with the
+    same ΔW: each part's scale alpha / rank folded into its B, the parts' B placed in their rows (rows
+    no part covers stay zero). Parts sharing one A (as diffusers' conversions of a fused LoRA write
+    them) keep its rank; otherwise the A's are stacked and B is block-diagonal (rank = the sum).
+
+    parts: file stem -> (module path, (first row, end row), output size of the layer); alpha: file
+    stem -> alpha kept outside the tensors (peft metadata). Layers the file also holds whole, parts
+    that overlap or do not fit their rows, and everything else are left as they are."""
+    found: dict[str, list[tuple[tuple[int, int], int, list[str], torch.Tensor, torch.Tensor, float]]] = {}
+    for stem, (path, rows, size) in parts.items():
+        down_key = next((f"{stem}.{n}" for n in _DOWN_NAMES if f"{stem}.{n}" in sd), None)
+        up_key = next((f"{stem}.{n}" for n in _UP_NAMES if f"{stem}.{n}" in sd), None)
+        if down_key is None or up_key is None:
+            continue
+        down, up = sd[down_key], sd[up_key]
+        if up.ndim != 2 or down.ndim != 2 or up.shape[0] != rows[1] - rows[0] or up.shape[1] != down.shape[0]:
+            continue
+        rank = down.shape[0]
+        a = sd.get(f"{stem}.{ALPHA_KEY}")
+        value = float(a) if a is not None and a.numel() == 1 else (alpha(stem) if alpha is not None else None)
+        keys = [down_key, up_key] + ([f"{stem}.{ALPHA_KEY}"] if a is not None else [])
+        found.setdefault(path, []).append((rows, size, keys, down, up, (value if value is not None else rank) / rank))
+    out = dict(sd)
+    for path, items in found.items():
+        if f"{prefix}{path}.lora_up.weight" in sd or f"{prefix}{path}.lora_down.weight" in sd:
+            continue
+        items.sort(key=lambda item: item[0])
+        ends = [0] + [rows[1] for rows, *_ in items]
+        if any(rows[0] < ends[i] for i, (rows, *_) in enumerate(items)) or ends[-1] > items[0][1]:
+            continue  # overlapping parts, or rows beyond the layer
+        shared = all(item[3].shape == items[0][3].shape and torch.equal(item[3], items[0][3]) for item in items)
+        downs = [items[0][3]] if shared else [item[3] for item in items]
+        rank = sum(d.shape[0] for d in downs)
+        dtype = items[0][4].dtype
+        up = torch.zeros(items[0][1], rank, dtype=torch.float32)
+        col = 0
+        for rows, _, keys, down, part_up, scale in items:
+            width = down.shape[0]
+            up[rows[0] : rows[1], col : col + width] = part_up.float() * scale
+            col += 0 if shared else width
+            for key in keys:
+                out.pop(key, None)
+        out[f"{prefix}{path}.lora_down.weight"] = torch.cat([d.to(dtype) for d in downs])
+        out[f"{prefix}{path}.lora_up.weight"] = up.to(dtype)
+        out[f"{prefix}{path}.{ALPHA_KEY}"] = torch.tensor(float(rank))
+    return out
+
+
 KEY_FORMATS = ("comfyui", "kohya", "diffusers")
 
 
@@ -310,6 +367,11 @@ def to_peft_names(
                 f"'{suffix}' (a LoHa / LoKr / other variant); save it with key_format comfyui or kohya"
             )
         groups.setdefault(path, {})[suffix] = value
+    unnamed = sorted(p for p in groups if not names.get(p))
+    if names and unnamed:
+        log.warning("LoRA Lab: key_format diffusers: %d layer(s) have no diffusers name and keep ComfyUI's "
+                    "(%s): ComfyUI applies them, diffusers skips them", len(unnamed),
+                    ", ".join(prefix + p for p in unnamed[:4]) + (" ..." if len(unnamed) > 4 else ""))  # fmt: skip
     ranks: dict[str, dict[str, int]] = {}  # component ("unet", "transformer") -> module name -> rank
     for path, group in groups.items():
         down, up = group.get("lora_down.weight"), group.get("lora_up.weight")

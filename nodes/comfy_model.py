@@ -183,6 +183,29 @@ def lora_key_names(patcher) -> dict[str, str]:
     return out
 
 
+def lora_split_names(patcher) -> dict[str, tuple[str, tuple[int, int], int]]:
+    """File stem -> (module path, its rows of the layer's output, the layer's output size) for the names
+    ComfyUI's key map gives as a part of a fused layer (diffusers' / OneTrainer's / SimpleTuner's
+    separate q / k / v / mlp of Flux's fused projections); see lora.inject.merge_split_layers."""
+    prefix, suffix = "diffusion_model.", ".weight"
+    diffusion = patcher.model.diffusion_model
+    out: dict[str, tuple[str, tuple[int, int], int]] = {}
+    for stem, target in _key_map(patcher).items():
+        if not (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
+                and isinstance(target[1], tuple) and len(target[1]) == 3 and target[1][0] == 0):  # fmt: skip
+            continue
+        key, (_, offset, size) = target
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        path = key[len(prefix) : -len(suffix)]
+        try:
+            weight = diffusion.get_submodule(path).weight
+        except AttributeError:
+            continue
+        out[stem] = (path, (int(offset), int(offset) + int(size)), int(weight.shape[0]))
+    return out
+
+
 def diffusers_names(patcher, targets: Mapping[str, tuple]) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
     """Module path -> the peft / diffusers module names a diffusers-format file uses for it, each with
     the rows of the layer's output it covers (None: all of them). UNets: "unet." + diffusers' module

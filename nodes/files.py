@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 from PIL.PngImagePlugin import PngInfo
 
-from ..lora.inject import KEY_FORMATS, convert_key_format, normalize_file_keys
+from ..lora.inject import KEY_FORMATS, convert_key_format, merge_split_layers, normalize_file_keys
 from ..training.lorafile import (
     LORA_SUFFIX,
     LoraStateDict,
@@ -107,7 +107,15 @@ class LoraLab_SaveLora(io.ComfyNode):
                     "for the model (SD1.x, SD2, SDXL, SD3, Flux with its q / k / v split, AuraFlow, Qwen-Image, "
                     "HiDream), else diffusion_model.<module> as ai-toolkit writes them; LoRA only. ComfyUI reads all "
                     "of them (SD UNet diffusers files through Apply LoRA (LoRA Lab) or existing_lora: stock loaders "
-                    "skip their attention layers). A LoRA from Load LoRA file keeps the names it has.",
+                    "skip their attention layers). A LoRA from Load LoRA file keeps the names it has unless "
+                    "'model' is connected.",
+                ),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="Optional: the model the LoRA is for. Needed only to convert a LoRA from Load LoRA file "
+                    "(any naming ComfyUI reads) to this model's kohya or diffusers names; a LoRA from the trainer "
+                    "already knows them.",
                 ),
             ],
             outputs=[
@@ -124,9 +132,12 @@ class LoraLab_SaveLora(io.ComfyNode):
         return _check_prefix(filename_prefix)
 
     @classmethod
-    def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui") -> io.NodeOutput:
+    def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui",
+                model=None) -> io.NodeOutput:  # fmt: skip
         if not isinstance(lora, Mapping) or len(lora) == 0:
             raise ValueError("Save LoRA: the 'lora' input holds no weights; connect a trainer's lora output")
+        if model is not None:
+            lora = for_model(model, lora)
         try:
             tensors, format_metadata = convert_key_format(lora, key_format, getattr(lora, "file_names", None))
         except ValueError as exc:
@@ -360,13 +371,30 @@ class LoraLab_ApplyLora(io.ComfyNode):
         return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, model_keys(model, lora), strength, 0)[0])
 
 
-def model_keys(model, lora: Mapping) -> dict:
-    """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
-    a peft file's metadata on its layers; keys that map to no whole layer stay as they are (ComfyUI's
-    loader still applies what it knows, e.g. parts of fused layers)."""
+def for_model(model, lora: Mapping) -> LoraStateDict:
+    """The LoRA in the model's "diffusion_model.<module>" keys (model_keys), knowing the model's kohya and
+    diffusers names for its layers, as a LoRA from the trainer does; metadata kept."""
+    from ..lora.inject import find_targets, group_file_keys
     from . import comfy_model as cm
 
-    return normalize_file_keys(lora, cm.lora_key_names(model), peft_alphas(getattr(lora, "metadata", None)))
+    tensors = model_keys(model, lora)
+    layers = find_targets(model.model.diffusion_model)
+    groups, _ = group_file_keys(tensors, layers)
+    targets = {p: layers[p] for p in groups}
+    names = {"kohya": cm.kohya_names(model, targets, cm.lora_key_names(model)),
+             "diffusers": cm.diffusers_names(model, targets)}  # fmt: skip
+    return LoraStateDict(tensors, metadata=getattr(lora, "metadata", None), file_names=names)
+
+
+def model_keys(model, lora: Mapping) -> dict:
+    """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
+    a peft file's metadata on its layers; parts of a fused layer become one LoRA of it. Keys that map to
+    no layer stay as they are (ComfyUI's loader still applies what it knows)."""
+    from . import comfy_model as cm
+
+    alphas = peft_alphas(getattr(lora, "metadata", None))
+    merged = merge_split_layers(lora, cm.lora_split_names(model), alphas)
+    return normalize_file_keys(merged, cm.lora_key_names(model), alphas)
 
 
 NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_ApplyLora, LoraLab_PlotLoss]

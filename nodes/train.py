@@ -22,6 +22,7 @@ from ..lora.inject import (
     find_targets,
     frozen,
     group_file_keys,
+    merge_split_layers,
     normalize_file_keys,
     target_excludes,
     target_patterns,
@@ -127,7 +128,8 @@ def train(
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
         family = type(patcher.model.model_config).__name__
         key_names = cm.lora_key_names(patcher)  # every LoRA naming ComfyUI maps onto this model
-        start = _Start.read(existing, config, key_names) if existing and existing != NO_LORA else _Start()
+        start = (_Start.read(existing, config, key_names, cm.lora_split_names(patcher))
+                 if existing and existing != NO_LORA else _Start())  # fmt: skip
         config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
         targets = find_targets(diffusion, target_patterns(config.targets, config.include),
@@ -261,15 +263,19 @@ class _Start:
         self.name, self.weights, self.step, self.optimizer_state = name, weights or {}, step, optimizer_state
 
     @classmethod
-    def read(cls, name: str, config: TrainConfig, key_names: dict[str, str] | None = None) -> _Start:
+    def read(cls, name: str, config: TrainConfig, key_names: dict[str, str] | None = None,
+             split_names: dict | None = None) -> _Start:  # fmt: skip
         """key_names: file stem -> module path in every naming ComfyUI's loader reads for this model
-        (kohya, diffusers / peft, LyCORIS ...), so a LoRA made by another tool continues too."""
+        (kohya, diffusers / peft, LyCORIS ...), so a LoRA made by another tool continues too;
+        split_names: names of parts of fused layers (comfy_model.lora_split_names), merged into one
+        LoRA of the layer."""
         path = folder_paths.get_full_path("loras", name)
         if path is None:
             raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
         try:
             sd, meta = read_lora_file(path)
-            sd = normalize_file_keys(sd, key_names or {}, peft_alphas(meta))
+            alphas = peft_alphas(meta)
+            sd = normalize_file_keys(merge_split_layers(sd, split_names or {}, alphas), key_names or {}, alphas)
             found = detect_algorithm(sd.keys())
         except ValueError as e:
             raise ValueError(f"existing_lora: {e}") from e

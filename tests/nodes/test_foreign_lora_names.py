@@ -147,3 +147,61 @@ def test_continuing_keeps_the_files_alpha_for_every_layer_and_in_the_metadata(gl
     alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
     assert len(alphas) == len(layers) and set(alphas.values()) == {ALPHA}
     assert lora.metadata["ss_network_alpha"] == lora.metadata["loralab.alpha"] == "2" and total == 4
+
+
+def _delta(sd: dict, path: str) -> torch.Tensor:
+    """ΔW of one LoRA layer of our keys: up @ down * alpha / rank."""
+    down, up = sd[f"diffusion_model.{path}.lora_down.weight"].float(), sd[f"diffusion_model.{path}.lora_up.weight"].float()
+    alpha = float(sd.get(f"diffusion_model.{path}.alpha", down.shape[0]))
+    return up @ down * (alpha / down.shape[0])
+
+
+def test_flux_diffusers_file_continues_as_one_lora_per_fused_layer(glue, loras_dir):
+    """key_format diffusers splits Flux's fused qkv / linear1 into diffusers' to_q / to_k / to_v (/ proj_mlp)
+    with one shared A; existing_lora reads the parts back as one LoRA of the fused layer with the same ΔW
+    (rank kept), so nothing of the file is left over as untrainable carried keys."""
+    train_mod, cm, _ = glue
+    from lora.inject import convert_key_format
+    from training.config import TrainConfig
+
+    patcher, lora = _trained(glue, "flux_dev")
+    gen = torch.Generator().manual_seed(3)
+    for key in [k for k in lora if not k.endswith(".alpha")]:
+        lora[key] = torch.randn(lora[key].shape, generator=gen)
+    tensors, meta = convert_key_format(lora, "diffusers", lora.file_names)
+    split = [k for k in tensors if k.startswith("transformer.single_transformer_blocks.0.attn.to_") and "lora_B" in k]
+    assert len(split) == 3 and not any(k.endswith(".alpha") for k in tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(loras_dir / "flux_diffusers.safetensors"), metadata=meta)
+
+    config = TrainConfig(rank=RANK, training_dtype="fp32", lora_dtype="fp32")
+    start = train_mod._Start.read("flux_diffusers.safetensors", config, cm.lora_key_names(patcher), cm.lora_split_names(patcher))
+    factors = {k for k in start.weights if not k.endswith(".alpha")}
+    assert factors == {k for k in lora if not k.endswith(".alpha")}  # every layer, and nothing left over
+    paths = {k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in lora if k.endswith(".alpha")}
+    for path in paths:
+        assert start.weights[f"diffusion_model.{path}.lora_down.weight"].shape[0] == RANK, path
+        torch.testing.assert_close(_delta(start.weights, path), _delta(lora, path), rtol=1e-5, atol=1e-5, msg=path)
+
+
+def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
+    """Parts with different A's and alphas (a file trained on diffusers' Flux, which has separate q / k / v
+    layers): A's stacked, B block-diagonal, each part's scale folded in; rows no part covers stay zero."""
+    _, cm, families = glue
+    from lora.inject import merge_split_layers
+
+    patcher = families.build_model("flux_dev")
+    parts = {s: v for s, v in cm.lora_split_names(patcher).items() if s.startswith("transformer.single_transformer_blocks.0.")}
+    gen = torch.Generator().manual_seed(4)
+    sd, expected = {}, None
+    for i, stem in enumerate(sorted(parts)[:3]):  # three of the four parts: the fourth's rows stay zero
+        path, (start, end), size = parts[stem]
+        rank = 2 + i
+        down, up = torch.randn(rank, 64, generator=gen), torch.randn(end - start, rank, generator=gen)
+        sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = down, up
+        sd[f"{stem}.alpha"] = torch.tensor(1.0 + i)
+        expected = torch.zeros(size, 64) if expected is None else expected
+        expected[start:end] += up @ down * ((1.0 + i) / rank)
+    merged = merge_split_layers(sd, parts)
+    assert set(merged) == {f"diffusion_model.{path}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert merged[f"diffusion_model.{path}.lora_down.weight"].shape[0] == 2 + 3 + 4
+    torch.testing.assert_close(_delta(merged, path), expected, rtol=1e-5, atol=1e-5)

@@ -249,3 +249,32 @@ def test_lycoris_file_continues_and_applies_in_comfyui_and_lycoris(glue, loras_d
     network = _lycoris_kohya(path, fresh, monkeypatch)
     assert len(network.unet_loras) == _layers(saved)
     assert (twins.diffusers_forward(fresh, inputs) - continued).abs().max() < TOL
+
+
+@pytest.mark.parametrize("key_format", ["kohya", "diffusers"])
+def test_save_lora_with_model_converts_a_loaded_file_for_other_tools(glue, loras_dir, monkeypatch, key_format):
+    """Load LoRA file (a file in ComfyUI's own names) -> Save LoRA with the model connected: the kohya
+    file loads in LyCORIS' kohya loader and the diffusers file in diffusers, each with every layer and
+    the output the original file gives in ComfyUI. Without the model, kohya keeps ComfyUI's LDM names."""
+    _, files, _, _ = glue
+    patcher, lora = _lora(glue, "sd15")
+    path, _, _ = _save(glue, lora, "comfyui", loras_dir)
+    loaded = files.LoraLab_LoadLora.execute(path.relative_to(loras_dir).as_posix()).result[0]
+    inputs = twins.make_inputs("sd15")
+    expected = twins.comfy_forward(_stock(patcher, loaded), inputs)
+
+    name = files.LoraLab_SaveLora.execute(loaded, "interop/converted", None, key_format, patcher).result[0]
+    from training.lorafile import read_lora_file
+
+    tensors, _ = read_lora_file(loras_dir / name)
+    assert not any("input_blocks" in k for k in tensors)
+    unet = twins.diffusers_unet(patcher, "sd15")
+    if key_format == "kohya":
+        assert len(_lycoris_kohya(loras_dir / name, unet, monkeypatch).unet_loras) == _layers(tensors) == _layers(lora)
+    else:
+        _diffusers_apply("sd15", unet, loras_dir / name)
+        assert _peft_layers(unet) == _layers(tensors) == _layers(lora)
+    assert (twins.diffusers_forward(unet, inputs) - expected).abs().max() < TOL
+
+    plain = files.LoraLab_SaveLora.execute(loaded, "interop/plain", None, "kohya").result[0]
+    assert any("input_blocks" in k for k in read_lora_file(loras_dir / plain)[0])
