@@ -599,7 +599,11 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
     "sdxlrefiner": ("stable-diffusion-xl-v1-refiner", "sdxl_refiner_v1-0"),
     "sd3": ("stable-diffusion-3", "sd3"),
-    "flux": ("flux-1", "flux1"),
+    "flux": ("flux-1", "flux1"),  # a Flux.1 variant kohya has no name for (Kontext, Fill, ...)
+    "fluxdev": ("flux-1-dev", "flux1"),
+    "fluxschnell": ("flux-1-schnell", "flux1"),
+    "chroma": ("chroma", "chroma"),
+    "lumina2": ("lumina-2", "lumina2"),
 }
 
 
@@ -607,7 +611,9 @@ def base_model_info(family: str | None) -> tuple[str, str]:
     """``(modelspec architecture, ss_base_model_version)`` for a base-model family name.
 
     Accepts loose spellings and ComfyUI model-config class names: ``sd15``/``SD15``/``sd1.5``,
-    ``sd2``/``SD20``/``SD21UnclipL``, ``sdxl``/``SDXL``, ``SDXLRefiner``, ``sd3``/``SD3``, ``flux``/``Flux``.
+    ``sd2``/``SD20``/``SD21UnclipL``, ``sdxl``/``SDXL``, ``SDXLRefiner``, ``sd3``/``SD3``, ``Flux`` (Flux.1
+    dev), ``FluxSchnell``, other Flux.1 variants, ``Chroma``, ``Lumina2``: the architecture names kohya
+    sd-scripts writes (``flux-1-dev``, ``flux-1-schnell``, ``flux-1``, ``chroma``, ``lumina-2``).
     Unknown names are passed through (lower-cased, cleaned); None gives ``("unknown", "unknown")``.
     """
     key = re.sub(r"[^a-z0-9]", "", str(family or "").lower())
@@ -619,8 +625,16 @@ def base_model_info(family: str | None) -> tuple[str, str]:
         return _FAMILIES["sdxl"]
     if key.startswith("sd3"):
         return _FAMILIES["sd3"]
-    if key.startswith("flux"):
+    if key in ("flux", "fluxdev", "flux1dev"):  # ComfyUI's "Flux" class is Flux.1 dev
+        return _FAMILIES["fluxdev"]
+    if key.startswith(("fluxschnell", "flux1schnell")):
+        return _FAMILIES["fluxschnell"]
+    if key.startswith("flux") and not key.startswith("flux2"):
         return _FAMILIES["flux"]
+    if key.startswith("chroma") and "radiance" not in key:
+        return _FAMILIES["chroma"]
+    if key.startswith("lumina2"):
+        return _FAMILIES["lumina2"]
     if key.startswith("sd2") or key.startswith("sdv2"):
         return _FAMILIES["sd2v" if key.endswith("v") else "sd2"]
     if key.startswith("sd1") or key.startswith("sdv1"):

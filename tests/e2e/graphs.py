@@ -215,7 +215,7 @@ class Graph:
         return node
 
     def save_lora_format(self, lora, prefix: str, key_format: str, steps=None) -> Node:
-        """The pack's SaveLora with its optional ``key_format`` (comfyui | kohya)."""
+        """The pack's SaveLora with its optional ``key_format`` (comfyui | kohya | diffusers)."""
         node = self.save_lora(lora, prefix, steps=steps)
         self.prompt[node.id]["inputs"]["key_format"] = key_format
         return node

@@ -485,7 +485,7 @@ def test_build_metadata_lora():
      ("SD20", "eps", "stable-diffusion-v2-512", "True", "epsilon"),
      ("SD20", "v", "stable-diffusion-v2-768-v", "True", "v"),
      ("SDXL", "eps", "stable-diffusion-xl-v1-base", "False", "epsilon"),
-     ("Flux", "flow", "flux-1", "False", "flow"),
+     ("Flux", "flow", "flux-1-dev", "False", "flow"),
      ("CosmosT2IPredict2", "raw", "cosmost2ipredict2", "False", None)],
 )
 def test_build_metadata_tells_sd2_v_prediction_and_resolution_as_a1111_and_kohya_read_them(
@@ -526,7 +526,12 @@ def test_build_metadata_leaves_out_unknowns_and_adds_extra():
         ("SDXL", "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
         ("SDXLRefiner", "stable-diffusion-xl-v1-refiner", "sdxl_refiner_v1-0"),
         ("SD3", "stable-diffusion-3", "sd3"),
-        ("Flux", "flux-1", "flux1"),
+        ("Flux", "flux-1-dev", "flux1"),
+        ("FluxSchnell", "flux-1-schnell", "flux1"),
+        ("FluxKontext", "flux-1", "flux1"),
+        ("Flux2", "flux2", "flux2"),
+        ("Chroma", "chroma", "chroma"),
+        ("Lumina2", "lumina-2", "lumina2"),
         ("Some Model!", "some-model", "some-model"),
         ("BaseModel", "unknown", "unknown"),
         (None, "unknown", "unknown"),
