@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from ..training.checkpoint import CheckpointSeries, bound_training_state, state_
 from ..training.checkpointing import gradient_checkpointing
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
 from ..training.cpu_heap import retained_heap
-from ..training.loop import ResumeState, StepInfo, derive_seed, run_training
+from ..training.loop import ResumeState, StepInfo, TrainingOutOfMemory, derive_seed, run_training
 from ..training.lorafile import (
     LoraStateDict,
     build_metadata,
@@ -74,7 +75,7 @@ class TrainLoraNode(io.ComfyNode):
                 io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
                 io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate of the optimizer."),
                 io.Int.Input("rank", default=8, min=1, max=128, tooltip="Rank of the adapter (capacity; alpha = rank, so scale 1)."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer. AdamW, Adam, SGD (momentum 0.9), RMSprop: PyTorch's. Prodigy (finds its own step size: set learning_rate to 1.0), Adafactor (factored second moments: least optimizer memory), CAME, Lion (one moment: half of AdamW's state): pytorch-optimizer's. AdamW8bit: bitsandbytes', CUDA only, listed where it is installed. Each one's state is checkpointed and resumes exactly."),
                 io.Combo.Input("loss_function", options=list(LOSS_NAMES), default="MSE", tooltip="Distance between prediction and target, in the model family's target space."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for adapter initialisation, batch order, noise levels and noise."),
                 io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype of the forward and backward pass: bf16 where the device supports it, else fp32."),
@@ -177,6 +178,8 @@ def train(
                     on_checkpoint=writer.save_checkpoint,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
+        except TrainingOutOfMemory as e:
+            raise _out_of_memory(e, config, device, samples) from None
         except RuntimeError as e:
             raise _untrainable(e, writer.family) from e
         finally:
@@ -203,6 +206,49 @@ def _untrainable(error: RuntimeError, family: str) -> RuntimeError:
                 f"here; a newer ComfyUI may train it (PyTorch: {str(error).splitlines()[0][:300]})"
             )
     return error
+
+
+def _memory_in_use(device: torch.device) -> str:
+    """What holds memory on the device, in words: PyTorch's share and the device's total (CUDA), or this
+    process's resident memory and the machine's (CPU)."""
+    gib = 2.0**30
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device)
+        return f"{(total - free) / gib:.1f} of {total / gib:.1f} GiB in use, {held / gib:.1f} GiB of it held by PyTorch"
+    try:
+        import psutil
+
+        rss, vm = psutil.Process().memory_info().rss, psutil.virtual_memory()
+        return f"this process holds {rss / gib:.1f} GiB; {vm.available / gib:.1f} of {vm.total / gib:.1f} GiB free"
+    except Exception:  # psutil is ComfyUI's dependency; the message does without it
+        return "memory in use unknown"
+
+
+def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torch.device, samples) -> TrainingOutOfMemory:
+    """The allocator's refusal as a message that says where it happened, what holds the memory and
+    the settings that lower the peak, cheapest first; the step's memory is handed back first."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    tips = []
+    if config.batch_size > 1:
+        tips.append(f"lower batch_size (now {config.batch_size}) and raise grad_accumulation_steps to keep the effective batch")
+    if not config.gradient_checkpointing:
+        tips.append("turn gradient_checkpointing on (Training Options)")
+    if config.training_dtype == "fp32":
+        tips.append("set training_dtype to bf16")
+    tips.append("load the model with weight_dtype fp8_e4m3fn (Load Diffusion Model)")
+    shape = tuple(samples[0].latent.shape[-2:]) if samples else None
+    tips.append("train on smaller images" + (f" (latents now {shape[1]}x{shape[0]})" if shape else ""))
+    if config.rank > 16:
+        tips.append(f"lower rank (now {config.rank})")
+    tips.append("free memory other programs or loaded models hold")
+    message = (f"model: out of memory at step {error.step} of {error.total} on {device.type} ({_memory_in_use(device)}). "
+               "The model you connected is unchanged and checkpoints written so far are complete. "
+               f"To fit: {'; '.join(tips)}. ({error.detail})")  # fmt: skip
+    log.error("LoRA Lab: %s", message)
+    return TrainingOutOfMemory(message, error.step, error.total, error.detail)
 
 
 def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:

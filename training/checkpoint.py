@@ -88,11 +88,20 @@ def _state_payload(
                 tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
+    groups = []  # tensors in a param group (Prodigy's d estimates) travel as tensors "group.<i>.<name>"
+    for i, group in enumerate(optimizer_state["param_groups"]):
+        plain = {}
+        for name, value in group.items():
+            if torch.is_tensor(value):
+                tensors[f"group.{i}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[name] = value
+        groups.append(plain)
     meta = {
         "format": FORMAT,
         "step": step,
         "total_steps": total_steps,
-        "param_groups": optimizer_state["param_groups"],
+        "param_groups": groups,
         "scalar_state": scalars,
         "config": dict(config),
         "lora_sha256": lora_sha256,
@@ -328,9 +337,12 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
             if k.startswith("optim."):
                 _, idx, name = k.split(".", 2)
                 state.setdefault(int(idx), {})[name] = v
+            elif k.startswith("group."):
+                _, idx, name = k.split(".", 2)
+                meta["param_groups"][int(idx)][name] = v
         for idx, values in meta["scalar_state"].items():
             state.setdefault(int(idx), {}).update(values)
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, IndexError):
         raise ValueError(f"training state {path.name}: malformed optimizer state") from None
     optimizer_state = {"state": state, "param_groups": meta["param_groups"]}
     info = {

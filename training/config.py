@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
-OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD", "RMSprop")
+# The contract's four, then lean optimizers from well-kept libraries where they are installed
+# (feature-detected without importing them): pytorch-optimizer (requirements.txt) and bitsandbytes
+# (8-bit AdamW, CUDA only; not installed by this pack).
+CONTRACT_OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+LIBRARY_OPTIMIZERS = {"Prodigy": "pytorch_optimizer", "Adafactor": "pytorch_optimizer", "CAME": "pytorch_optimizer",
+                      "Lion": "pytorch_optimizer", "AdamW8bit": "bitsandbytes"}  # fmt: skip
+OPTIMIZER_NAMES = CONTRACT_OPTIMIZERS + tuple(
+    name for name, module in LIBRARY_OPTIMIZERS.items() if importlib.util.find_spec(module) is not None
+)
 LOSS_NAMES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
 ALGORITHM_NAMES = ("LoRA", "LoHa", "LoKr")

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .config import OPTIMIZER_NAMES
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -27,11 +29,37 @@ def _rmsprop(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+def _pytorch_optimizer(class_name: str) -> Callable[..., torch.optim.Optimizer]:
+    """An optimizer of the pytorch-optimizer package with its own defaults (betas, eps, ...), our lr and
+    weight decay. Prodigy's lr is a multiplier of the step size it finds itself: 1.0 is its default."""
+
+    def make(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        import pytorch_optimizer
+
+        return getattr(pytorch_optimizer, class_name)(params, lr=lr, weight_decay=weight_decay)
+
+    return make
+
+
+def _adamw8bit(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW: optimizer state in 8 bits per value instead of 32, CUDA only."""
+    if not all(p.device.type == "cuda" for p in params):
+        raise ValueError("optimizer AdamW8bit (bitsandbytes) needs a CUDA GPU; choose AdamW or Adafactor on this device")
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "AdamW": _adamw,
     "Adam": _adam,
     "SGD": _sgd,
     "RMSprop": _rmsprop,
+    "Prodigy": _pytorch_optimizer("Prodigy"),
+    "Adafactor": _pytorch_optimizer("AdaFactor"),
+    "CAME": _pytorch_optimizer("CAME"),
+    "Lion": _pytorch_optimizer("Lion"),
+    "AdamW8bit": _adamw8bit,
 }
 
 # Element-wise (reduction="none"): the objective reduces per sample, so it can weight samples.
@@ -46,8 +74,8 @@ LOSSES: dict[str, LossFn] = {
 def make_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {name!r}")
     return OPTIMIZERS[name](list(params), lr, weight_decay)
 
 

@@ -55,6 +55,25 @@ class TrainingDiverged(FloatingPointError):
     """Loss or gradients became non-finite; parameters were left at their last finite values."""
 
 
+class TrainingOutOfMemory(torch.OutOfMemoryError):
+    """Memory ran out during an optimizer step. The step's gradients are dropped; the parameters are
+    those after the last completed step. A torch.OutOfMemoryError, so callers that free memory on one
+    (ComfyUI unloads its models) do so."""
+
+    def __init__(self, message: str, step: int, total: int, detail: str = ""):
+        super().__init__(message)
+        self.step, self.total, self.detail = step, total, detail
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA / MPS / XPU allocators raise torch.OutOfMemoryError; the CPU allocator a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), Python a MemoryError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 @dataclass
 class ResumeState:
     """Where a stopped run was: optimizer steps done, the run's planned total, optimizer state."""
@@ -107,22 +126,17 @@ def run_training(
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        step_loss = 0.0
-        for k in range(accum):
-            if check_interrupt is not None:
-                check_interrupt()
-            micro = (step - 1) * accum + k
-            gen = torch.Generator().manual_seed(mix_seed(noise_seed, micro))
-            indices = order(micro)
-            x0, cond = collate(samples, indices, device)
-            sigma = objective.sample_sigmas(len(indices), gen)
-            noise = objective.sample_noise(x0.shape, gen).to(device=device, dtype=x0.dtype)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = denoise_loss(lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma)
-            (loss / accum).backward()
-            step_loss += loss.item() / accum
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        out_of_memory = ""
+        try:
+            step_loss, grad_norm = _accumulate(step, accum, samples, order, noise_seed, objective, loss_fn,
+                                               predict_x0, device, autocast_dtype, params, clip, check_interrupt)  # fmt: skip
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if out_of_memory:  # raised here, outside the handler: its traceback (and the step's tensors) is gone
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingOutOfMemory(f"out of memory at step {step} of {total}", step, total, out_of_memory)
         if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -138,6 +152,27 @@ def run_training(
         if on_checkpoint is not None and config.save_every and step % config.save_every == 0:
             on_checkpoint(step, total, optimizer, step_loss)
     return result
+
+
+def _accumulate(step, accum, samples, order, noise_seed, objective, loss_fn, predict_x0, device, autocast_dtype,
+                params, clip, check_interrupt) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """One optimizer step's micro-batches: forward, backward (loss / accum), then the gradient norm
+    clipped to clip. Returns (mean loss, gradient norm before clipping)."""
+    step_loss = 0.0
+    for k in range(accum):
+        if check_interrupt is not None:
+            check_interrupt()
+        micro = (step - 1) * accum + k
+        gen = torch.Generator().manual_seed(mix_seed(noise_seed, micro))
+        indices = order(micro)
+        x0, cond = collate(samples, indices, device)
+        sigma = objective.sample_sigmas(len(indices), gen)
+        noise = objective.sample_noise(x0.shape, gen).to(device=device, dtype=x0.dtype)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = denoise_loss(lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma)
+        (loss / accum).backward()
+        step_loss += loss.item() / accum
+    return step_loss, torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
 
 
 @torch.no_grad()

@@ -276,3 +276,55 @@ def test_checkpointing_reaches_layers_of_iterated_sequentials():
             out.square().mean().backward()
         saved.append(total)
     assert saved[1] < 0.5 * saved[0], saved
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
+    MemoryError(),
+], ids=["cuda", "cpu-allocator", "python"])
+def test_out_of_memory_stops_at_its_step_with_the_last_completed_steps_weights(error):
+    """The allocator's refusal at step 3 (of 5) becomes TrainingOutOfMemory naming step 3; the adapter
+    weights are those after step 2 exactly (bit-identical to a 2-step run) and hold no gradients."""
+    from training.loop import TrainingOutOfMemory
+
+    config = TrainConfig(steps=5, rank=2, learning_rate=0.01, training_dtype="fp32", gradient_checkpointing=False)
+    net, samples = Toy(), make_samples()
+    adapters = AdapterSet.create(find_targets(net), config.algorithm, config.rank, config.alpha,
+                                 torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
+    calls = []
+
+    def predict_x0(x_t, sigma, cond):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return x_t - sigma.view(-1, 1, 1, 1) * net(x_t)
+
+    objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
+    params = adapters.trainable_parameters()
+    with frozen(net), adapters.attached(net), pytest.raises(TrainingOutOfMemory) as info:
+        run_training(params=params, samples=samples, predict_x0=predict_x0, objective=objective, config=config, device=cpu)
+    assert (info.value.step, info.value.total) == (3, 5) and isinstance(info.value, torch.OutOfMemoryError)
+    assert "out of memory at step 3 of 5" in str(info.value) and all(p.grad is None for p in params)
+
+    two = AdapterSet.create(find_targets(Toy()), config.algorithm, config.rank, config.alpha,
+                            torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
+    net2 = Toy()
+    with frozen(net2), two.attached(net2):
+        run_training(params=two.trainable_parameters(), samples=samples, objective=objective, device=cpu,
+                     predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net2(x_t), config=config.replace(steps=2))
+    for a, b in zip(params, two.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_other_runtime_errors_pass_through_unchanged():
+    from training.loop import TrainingOutOfMemory
+
+    def predict_x0(x_t, sigma, cond):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    config = TrainConfig(steps=2, rank=2, training_dtype="fp32", gradient_checkpointing=False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        run_training(params=[nn.Parameter(torch.zeros(1))], samples=make_samples(), predict_x0=predict_x0,
+                     objective=Objective(FlowSampling(), "flow"), config=config, device=torch.device("cpu"))  # fmt: skip
+    assert not isinstance(info.value, TrainingOutOfMemory)
