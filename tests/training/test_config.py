@@ -18,7 +18,7 @@ def test_defaults_match_the_contract():
     "field,value",
     [("steps", 0), ("steps", 100_001), ("batch_size", 0), ("grad_accumulation_steps", 1025), ("rank", 129),
      ("rank", 0), ("learning_rate", 0.0), ("learning_rate", 2.0), ("seed", -1), ("seed", 2**64),
-     ("optimizer", "Lion"), ("loss_function", "L2"), ("training_dtype", "fp16"), ("lora_dtype", "int8"),
+     ("optimizer", "Lion2"), ("loss_function", "L2"), ("training_dtype", "fp16"), ("lora_dtype", "int8"),
      ("algorithm", "DoRA"), ("alpha", 0.0), ("steps", 1.5), ("steps", True)],
 )
 def test_bad_values_name_the_field(field, value):
@@ -28,7 +28,7 @@ def test_bad_values_name_the_field(field, value):
 
 def test_factories_reject_unknown_names():
     with pytest.raises(ValueError, match="optimizer"):
-        make_optimizer("Lion", [], 1e-3)
+        make_optimizer("Lion2", [], 1e-3)
     with pytest.raises(ValueError, match="loss_function"):
         make_loss("L2")
 
