@@ -328,3 +328,85 @@ def test_other_runtime_errors_pass_through_unchanged():
         run_training(params=[nn.Parameter(torch.zeros(1))], samples=make_samples(), predict_x0=predict_x0,
                      objective=Objective(FlowSampling(), "flow"), config=config, device=torch.device("cpu"))  # fmt: skip
     assert not isinstance(info.value, TrainingOutOfMemory)
+
+
+# ---------------------------------------------------------------------------------- the loop's contract
+
+
+def _one_sgd_step(config: TrainConfig, samples) -> tuple[list, list, Toy, AdapterSet]:
+    """Adapter parameters before and after one optimizer step of the loop (SGD: its first step moves
+    each parameter by exactly -lr x gradient)."""
+    net = Toy()
+    adapters = AdapterSet.create(find_targets(net), config.algorithm, config.rank, config.alpha,
+                                 torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
+    params = adapters.trainable_parameters()
+    with torch.no_grad():  # B starts at zero: give it values, so every factor gets a gradient
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    before = [p.detach().clone() for p in params]
+    objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
+    with frozen(net), adapters.attached(net):
+        run_training(params=params, samples=samples, objective=objective, config=config, device=cpu,
+                     predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net(x_t))  # fmt: skip
+    return before, [p.detach().clone() for p in params], net, adapters
+
+
+def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
+    """k micro-batches of size b: one step moves the parameters by -lr x the mean of the k batch
+    gradients, each batch the one BatchOrder gives for its global micro-batch number, with the noise
+    level and noise the seed gives for that number (recomputed here from the stated contract)."""
+    from training.data import BatchOrder, collate, mix_seed
+    from training.factory import make_loss
+    from training.objective import denoise_loss
+
+    k, b, lr = 3, 2, 0.1
+    config = TrainConfig(steps=1, rank=2, optimizer="SGD", learning_rate=lr, batch_size=b, grad_accumulation_steps=k,
+                         max_grad_norm=0.0, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)  # fmt: skip
+    samples = make_samples(5)
+    before, after, net, adapters = _one_sgd_step(config, samples)
+
+    params = adapters.trainable_parameters()
+    with torch.no_grad():
+        for p, value in zip(params, before, strict=True):
+            p.copy_(value)
+    objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
+    order = BatchOrder(samples, b, derive_seed(config.seed, "order"))
+    noise_seed = derive_seed(config.seed, "noise")
+    grads = [torch.zeros_like(p) for p in params]
+    seen = set()
+    with frozen(net), adapters.attached(net):
+        for micro in range(k):
+            gen = torch.Generator().manual_seed(mix_seed(noise_seed, micro))
+            indices = order(micro)
+            seen.update(indices)
+            x0, _ = collate(samples, indices, cpu)
+            sigma = objective.sample_sigmas(len(indices), gen)
+            noise = objective.sample_noise(x0.shape, gen)
+            loss = denoise_loss(lambda xt, s: xt - s.view(-1, 1, 1, 1) * net(xt), objective, make_loss("MSE"), x0, noise, sigma)
+            for g, d in zip(grads, torch.autograd.grad(loss, params), strict=True):
+                g += d / k
+    assert len(seen) == 5  # the three batches cover the dataset: not one batch three times
+    for p0, p1, g in zip(before, after, grads, strict=True):
+        torch.testing.assert_close(p1, p0 - lr * g, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_order_visits_every_sample_once_per_epoch_in_batches_of_one_shape():
+    from training.data import BatchOrder
+
+    samples = make_samples(5, size=8) + make_samples(3, size=12) + make_samples(1, size=4)
+    order = BatchOrder(samples, batch_size=2, seed=11)
+    assert order.per_epoch == 3 + 2 + 1
+    epochs = []
+    for epoch in range(4):
+        batches = [order(epoch * order.per_epoch + j) for j in range(order.per_epoch)]
+        assert sorted(i for batch in batches for i in batch) == list(range(len(samples)))
+        for batch in batches:
+            assert 1 <= len(batch) <= 2 and len({tuple(samples[i].latent.shape) for i in batch}) == 1
+        epochs.append(batches)
+    assert any(epochs[0] != e for e in epochs[1:])  # a new shuffle each epoch
+    # addressed by the global micro-batch number: any call order gives the same batches (exact resume)
+    fresh = BatchOrder(samples, batch_size=2, seed=11)
+    micros = list(range(4 * order.per_epoch))
+    for micro in reversed(micros):
+        assert fresh(micro) == epochs[micro // order.per_epoch][micro % order.per_epoch]
+    assert BatchOrder(samples, batch_size=2, seed=12)(0) != order(0) or BatchOrder(samples, 2, 12)(1) != order(1)
