@@ -16,6 +16,8 @@ are throttled, the losses and learning rates of all steps since the previous mes
         "first_step": 13,         # the step of losses[0] and lrs[0]
         "losses": [0.2, 0.1, 0.15, 0.12, 0.123],   # steps first_step .. step
         "lrs": [0.0005, 0.0005, 0.0005, 0.0005, 0.0005],   # their learning rates
+        "memory": {...},          # first message of a run only: the memory plan in bytes (weights,
+                                  # trainable, gradients, optimizer, activations, added, available)
     }
 
 A loss that is not finite is sent as ``null`` (JSON has no NaN / Infinity).
@@ -54,7 +56,7 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
-def send_progress(node_id, info) -> None:
+def send_progress(node_id, info, memory: dict | None = None) -> None:
     try:
         from server import PromptServer
     except ImportError:  # not inside a ComfyUI server
@@ -81,20 +83,19 @@ def send_progress(node_id, info) -> None:
     state.first_step, state.losses, state.lrs = None, [], []
     if last:
         _pending.pop(node_id, None)
-    server.send_sync(
-        PROGRESS_EVENT,
-        {
-            "node": node_id,
-            "prompt_id": prompt_id,
-            "step": info.step,
-            "total": info.total,
-            "loss": _finite_or_none(info.loss),
-            "lr": info.lr,
-            "steps_per_s": info.steps_per_s,
-            "elapsed": info.elapsed,
-            "first_step": first_step,
-            "losses": losses,
-            "lrs": lrs,
-        },
-        server.client_id,
-    )
+    payload = {
+        "node": node_id,
+        "prompt_id": prompt_id,
+        "step": info.step,
+        "total": info.total,
+        "loss": _finite_or_none(info.loss),
+        "lr": info.lr,
+        "steps_per_s": info.steps_per_s,
+        "elapsed": info.elapsed,
+        "first_step": first_step,
+        "losses": losses,
+        "lrs": lrs,
+    }
+    if memory is not None:
+        payload["memory"] = memory
+    server.send_sync(PROGRESS_EVENT, payload, server.client_id)

@@ -30,9 +30,10 @@ from ..lora.inject import (
 )
 from ..training.autograd_safe import autograd_safe, copy_on_write
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
-from ..training.checkpointing import gradient_checkpointing
+from ..training.checkpointing import gradient_checkpointing, repeated_blocks
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
 from ..training.cpu_heap import retained_heap
+from ..training.data import collate
 from ..training.loop import ResumeState, StepInfo, TrainingOutOfMemory, derive_seed, run_training
 from ..training.lorafile import (
     LoraStateDict,
@@ -42,6 +43,7 @@ from ..training.lorafile import (
     prefix_location,
     read_lora_file,
 )
+from ..training.memory_plan import MIB, Fit, check_fit, module_bytes, profile_activations
 from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
@@ -150,13 +152,17 @@ def train(
             log.warning("LoRA Lab: this %s model's code writes in place into tensors it already used (%s); "
                         "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
+        fit = _memory_fit(patcher, diffusion, adapters, samples, config, device, bool(in_place))
+        log.info("LoRA Lab: memory plan: %s; %s has %d MiB free for it", fit.plan.describe(), fit.where, fit.available // MIB)
+        if not fit.fits:
+            raise _over_budget(fit, config)
         writer = _Writer(adapters, carried, config, family, len(samples),
                          loras_folder, checkpoint_prefix,
                          {"kohya": cm.kohya_names(patcher, targets, key_names),
                           "diffusers": cm.diffusers_names(patcher, targets)},
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
-        bar = _Progress(config.steps, node_id)
+        bar = _Progress(config.steps, node_id, {**fit.plan.as_dict(), "available": fit.available})
         try:
             with (
                 frozen(diffusion),
@@ -206,6 +212,50 @@ def _untrainable(error: RuntimeError, family: str) -> RuntimeError:
                 f"here; a newer ComfyUI may train it (PyTorch: {str(error).splitlines()[0][:300]})"
             )
     return error
+
+
+def _memory_fit(patcher, diffusion, adapters: AdapterSet, samples, config: TrainConfig, device: torch.device,
+                in_place: bool) -> Fit:  # fmt: skip
+    """The run's memory plan (training.memory_plan) against what the device has free now, the model
+    loaded: one probe forward of the largest sample with the adapters attached, as training runs it.
+    LORALAB_TRAINING_MEMORY_MIB caps what a run may add (default: the device's free memory)."""
+    largest = max(range(len(samples)), key=lambda i: samples[i].latent.numel())
+    probe = min(config.batch_size, 2)  # see ActivationProfile: batch 1 under-counts larger batches
+    x, cond = collate(samples, [largest] * probe, device)
+    sigma = cm.objective_for(patcher, config).sigmas_from_percents(torch.tensor([0.5] * probe)).to(device)
+    predict = cm.make_predict_x0(patcher)
+    params = adapters.trainable_parameters()
+    with frozen(diffusion), adapters.attached(diffusion), autograd_safe(), copy_on_write(in_place):
+        profile = profile_activations(lambda: predict(x, sigma, cond), repeated_blocks(diffusion),
+                                      skip=[*diffusion.parameters(), *diffusion.buffers(), *params], samples=probe)  # fmt: skip
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], "the GPU"
+    else:
+        import psutil
+
+        available, where = psutil.virtual_memory().available, "this machine"
+    cap = os.environ.get("LORALAB_TRAINING_MEMORY_MIB", "").strip()
+    if cap:
+        try:
+            available, where = min(available, int(float(cap) * MIB)), "LORALAB_TRAINING_MEMORY_MIB"
+        except ValueError:
+            log.warning("LoRA Lab: LORALAB_TRAINING_MEMORY_MIB=%r is not a number; ignoring it", cap)
+    linears = [m.weight for m in diffusion.modules() if isinstance(m, torch.nn.Linear) and m.weight is not None]
+    fp8_savings = sum(w.numel() * (w.element_size() - 1) for w in linears if w.element_size() > 1)
+    return check_fit(module_bytes(diffusion), sum(p.numel() for p in params), config.optimizer, profile,
+                     config.batch_size, config.gradient_checkpointing and not in_place, available, where,
+                     fp8_savings, config.training_dtype)  # fmt: skip
+
+
+def _over_budget(fit: Fit, config: TrainConfig) -> MemoryError:
+    """Refusal before the first step: the plan's numbers and the changes that would fit."""
+    changes = "; ".join(f"{what} (~{p.added / MIB:.0f} MiB)" for what, p in fit.alternatives)
+    return MemoryError(
+        f"model: this run needs {fit.plan.describe()}, but {fit.where} has {fit.available / MIB:.0f} MiB free for it; "
+        "training did not start and nothing changed. "
+        + (f"Settings that fit: {changes}." if changes else "No single change of batch_size, gradient_checkpointing, "
+           "training_dtype or an fp8 base fits: train on smaller images or free memory first.")  # fmt: skip
+    )
 
 
 def _memory_in_use(device: torch.device) -> str:
@@ -394,10 +444,10 @@ def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str
 
 class _Progress:
     """One tick per optimizer step: ComfyUI's progress bar, a console tqdm bar with the loss, and the
-    pack's own websocket event for the live view."""
+    pack's own websocket event for the live view (the first one with the memory plan)."""
 
-    def __init__(self, total: int, node_id):
-        self.node_id = node_id
+    def __init__(self, total: int, node_id, memory: dict | None = None):
+        self.node_id, self.memory = node_id, memory
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
 
@@ -405,7 +455,8 @@ class _Progress:
         self.bar.update(1)
         self.tqdm.update(1)
         self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)
-        send_progress(self.node_id, info)
+        send_progress(self.node_id, info, self.memory)
+        self.memory = None
 
     def close(self) -> None:
         self.tqdm.close()

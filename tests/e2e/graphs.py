@@ -315,9 +315,14 @@ def assert_progress_bar(result: RunResult, node: Node, steps: int) -> None:
 
 
 def assert_loss_per_step(result: RunResult, node: Node, steps: int) -> None:
-    """The pack's own events carry one finite loss for every step 1 .. steps, each exactly once."""
+    """The pack's own events carry one finite loss for every step 1 .. steps, each exactly once; the
+    first one the run's memory plan (bytes; training adds adapters, gradients and activations)."""
     covered = []
-    for e in loralab_progress(result, node):
+    events = loralab_progress(result, node)
+    memory = events[0].get("memory") if events else None
+    assert memory and memory["added"] >= memory["activations"] > 0 and memory["trainable"] > 0, memory
+    assert memory["available"] > 0 and not any("memory" in e for e in events[1:])
+    for e in events:
         covered += range(e["first_step"], e["first_step"] + len(e["losses"]))
         assert all(math.isfinite(v) and v > 0 for v in e["losses"]), e["losses"]
     assert covered == list(range(1, steps + 1)), covered

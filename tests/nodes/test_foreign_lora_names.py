@@ -205,3 +205,4 @@ def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
     assert set(merged) == {f"diffusion_model.{path}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert merged[f"diffusion_model.{path}.lora_down.weight"].shape[0] == 2 + 3 + 4
     torch.testing.assert_close(_delta(merged, path), expected, rtol=1e-5, atol=1e-5)
+

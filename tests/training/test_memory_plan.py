@@ -1,0 +1,122 @@
+"""The memory plan: the probe counts what autograd keeps without keeping it, the formulas scale with
+batch and checkpointing as a real run does, and a plan over budget names the changes that fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora.inject import AdapterSet, find_targets, frozen
+from tests.training.test_loop import Toy
+from training.checkpointing import gradient_checkpointing, repeated_blocks
+from training.memory_plan import ActivationProfile, check_fit, module_bytes, plan, profile_activations
+
+
+def _attached(depth: int = 4):
+    net = Toy(depth=depth)
+    adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+    return net, adapters
+
+
+def _kept_bytes(net, adapters, x, checkpointing: bool) -> int:
+    """What a real forward keeps for backward (counted while kept, storages once, weights left out)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *adapters.parameters()]}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x)
+        out.square().mean().backward()
+    return total
+
+
+def test_probe_counts_what_a_real_forward_keeps_and_keeps_none_of_it():
+    net, adapters = _attached()
+    x = torch.randn(1, 4, 16, 16)
+    skip = [*net.parameters(), *adapters.parameters()]
+    with frozen(net), adapters.attached(net):
+        profile = profile_activations(lambda: net(x), repeated_blocks(net), skip=skip)
+    assert all(p.grad is None for p in adapters.parameters())
+    assert profile.total == _kept_bytes(net, adapters, x, checkpointing=False) > 0
+    assert len(profile.blocks) == 4 and all(b > 0 for b in profile.blocks) and sum(profile.blocks) < profile.total
+    assert profile.block_inputs == [1 * 16 * 16 * 16 * 4] * 4  # each block's input: [1, 16, 16, 16] fp32
+
+
+def test_checkpointed_estimate_covers_what_checkpointing_keeps_and_scales_with_batch():
+    net, adapters = _attached(depth=6)
+    x = torch.randn(1, 4, 16, 16)
+    with frozen(net), adapters.attached(net):
+        profile = profile_activations(lambda: net(x), repeated_blocks(net), skip=[*net.parameters(), *adapters.parameters()])
+    kept = _kept_bytes(net, adapters, x, checkpointing=True)
+    estimate = profile.for_run(1, checkpointing=True)
+    # the estimate adds the one block recomputed in backward to what checkpointing keeps
+    assert kept <= estimate <= kept + max(profile.blocks)
+    assert profile.for_run(1, checkpointing=True) < profile.for_run(1, checkpointing=False)
+    assert profile.for_run(3, checkpointing=False) == 3 * profile.for_run(1, checkpointing=False)
+
+
+def test_a_probe_of_two_samples_scales_to_larger_batches():
+    """At batch 1 some reshapes are free views that copy at larger batches: a probe of 2 samples
+    scaled by batch / 2 gives what batch 4 keeps."""
+    net, adapters = _attached(depth=6)
+    with frozen(net), adapters.attached(net):
+        two = profile_activations(lambda: net(torch.randn(2, 4, 16, 16)), repeated_blocks(net),
+                                  skip=[*net.parameters(), *adapters.parameters()], samples=2)  # fmt: skip
+    kept4 = _kept_bytes(net, adapters, torch.randn(4, 4, 16, 16), checkpointing=False)
+    assert two.for_run(4, checkpointing=False) == kept4
+    assert _kept_bytes(net, adapters, torch.randn(1, 4, 16, 16), checkpointing=False) * 4 < kept4
+
+
+def test_plan_adds_adapters_gradients_and_optimizer_state_per_optimizer():
+    profile = ActivationProfile(total=1000, blocks=[300, 300], block_inputs=[10, 10])
+    adamw = plan(weights=5000, trainable_values=100, optimizer="AdamW", profile=profile, batch=2, checkpointing=False)
+    assert (adamw.trainable, adamw.gradients, adamw.optimizer, adamw.activations) == (400, 400, 800, 2 * 1000)
+    assert adamw.added == 400 + 400 + 800 + 2000 and adamw.total == adamw.added + 5000
+    assert plan(5000, 100, "SGD", profile, 2, False).optimizer == 400
+    assert plan(5000, 100, "AdamW", profile, 2, True).activations == 2 * (400 + 20 + 300)
+
+
+def test_over_budget_plan_names_the_changes_that_fit():
+    """added: 1600 (adapters, gradients, AdamW) + 4 x 14_000 activations = 57_600. Checkpointing on:
+    1600 + 4 x (2000 outside + 200 inputs + 6000) = 34_400; batch 3: 43_600; bf16: 29_600; an fp8 base
+    frees 30_000 besides."""
+    profile = ActivationProfile(total=14_000, blocks=[6000, 6000], block_inputs=[100, 100])
+    args = dict(weights=50_000, trainable_values=100, optimizer="AdamW", profile=profile, batch=4, checkpointing=False,
+                where="the GPU", fp8_savings=30_000, training_dtype="fp32")
+    fit = check_fit(available=45_000, **args)
+    assert not fit.fits and fit.plan.added == 57_600
+    assert [(what.split(" (")[0], p.added) for what, p in fit.alternatives] == [
+        ("turn gradient_checkpointing on", 34_400), ("batch_size 3", 43_600), ("training_dtype bf16", 29_600),
+        ("an fp8 base", 57_600)]
+    tight = check_fit(available=20_000, **args)
+    assert [what.split(" (")[0] for what, _ in tight.alternatives] == ["batch_size 1"]  # 15_600
+    assert check_fit(available=57_600, **args).fits
+
+
+def test_module_bytes_counts_each_storage_once():
+    lin = torch.nn.Linear(8, 4)
+    tied = torch.nn.Sequential(lin, lin)
+    assert module_bytes(tied) == (8 * 4 + 4) * 4
+    assert module_bytes(torch.nn.Linear(8, 4).to(torch.bfloat16)) == (8 * 4 + 4) * 2
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD", "RMSprop"])
+def test_optimizer_factor_matches_the_state_the_optimizer_keeps(name):
+    from training.factory import make_optimizer
+    from training.memory_plan import OPTIMIZER_STATE
+
+    params = [torch.nn.Parameter(torch.randn(64, 8)), torch.nn.Parameter(torch.randn(8, 64))]
+    opt = make_optimizer(name, params, 1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1)
+    assert state == OPTIMIZER_STATE[name] * sum(p.numel() for p in params)
