@@ -132,14 +132,30 @@ class AdapterSet(nn.Module):
     @contextlib.contextmanager
     def attached(self, root: nn.Module) -> Iterator[None]:
         """Hooks on root's target layers for the duration of the block; always removed on exit."""
-        handles = []
+        self._handles = []
         try:
-            for path, adapter in self.items():
-                handles.append(root.get_submodule(path).register_forward_hook(_make_hook(adapter)))
+            self._hook(root)
             yield
         finally:
-            for h in handles:
-                h.remove()
+            self._unhook()
+
+    @contextlib.contextmanager
+    def paused(self, root: nn.Module) -> Iterator[None]:
+        """Within attached(): the hooks off for the block (the base model as it is), then on again."""
+        self._unhook()
+        try:
+            yield
+        finally:
+            self._hook(root)
+
+    def _hook(self, root: nn.Module) -> None:
+        for path, adapter in self.items():
+            self._handles.append(root.get_submodule(path).register_forward_hook(_make_hook(adapter)))
+
+    def _unhook(self) -> None:
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
 
 
 def _key(path: str) -> str:

@@ -8,10 +8,11 @@ from .data import DenoiseLoss, LoadLatentDataset
 from .dataset_images import LoadImageCaptionFolder
 from .files import NODES as FILE_NODES
 from .options import TrainingOptions
+from .preview import NODES as PREVIEW_NODES
 from .train import TrainLoraNode
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, LoadLatentDataset, DenoiseLoss,
-                                       LoadImageCaptionFolder]
+                                       LoadImageCaptionFolder, *PREVIEW_NODES]
 
 
 class LoraLabExtension(ComfyExtension):

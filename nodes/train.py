@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -48,6 +50,7 @@ from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
 from .options import OPTIONS_TYPE
+from .preview import Previewer, PreviewSettings
 
 log = logging.getLogger("loralab")
 
@@ -95,7 +98,7 @@ class TrainLoraNode(io.ComfyNode):
                 io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="{'loss': [one value per optimizer step]}"),
                 io.Int.Output(display_name="steps", tooltip="Total steps, including those of existing_lora."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -115,16 +118,20 @@ class TrainLoraNode(io.ComfyNode):
         opts = options[0] if options else {"config": {}, "checkpoint_prefix": DEFAULT_CHECKPOINT_PREFIX}
         config = TrainConfig(**args, **opts["config"])
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts["checkpoint_prefix"])
+        prompt = getattr(cls.hidden, "prompt", None) if cls.hidden is not None else None
+        lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts["checkpoint_prefix"],
+                                       preview=opts.get("preview"), prompt=prompt)  # fmt: skip
         model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
         return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses}, total)
 
 
 def train(
-    model, latents, positive, config: TrainConfig, existing: str, node_id, checkpoint_prefix: str
-) -> tuple[LoraStateDict, list[float], int]:
+    model, latents, positive, config: TrainConfig, existing: str, node_id, checkpoint_prefix: str,
+    preview: PreviewSettings | None = None, prompt=None,
+) -> tuple[LoraStateDict, list[float], int]:  # fmt: skip
     """Clone the model, attach adapters to the clone's layers for the run only, train, return the
-    weights, the loss per step and the total step count (earlier steps of existing_lora included)."""
+    weights, the loss per step and the total step count (earlier steps of existing_lora included).
+    preview: sample previews before the first step, every N steps and after the last (nodes/preview.py)."""
     loras_folder = loras_root()
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
@@ -163,6 +170,26 @@ def train(
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id, {**fit.plan.as_dict(), "available": fit.available})
+        total_steps = start.step + config.steps
+        previewer = Previewer(preview, model, node_id, prompt, show=bar.show) if preview is not None else None
+
+        def preview_at(step: int, loss: float, running: bool) -> None:
+            lora = writer.lora(step, loss)
+            with adapters.paused(diffusion) if running else contextlib.nullcontext():
+                previewer.render(step, lora)
+            _reload(patcher)
+
+        if previewer is not None:
+            preview_at(start.step, float("nan"), running=False)
+        outside = previewer.seconds if previewer is not None else 0.0
+
+        def on_step(info: StepInfo) -> None:
+            if previewer is not None:  # preview time is not training time
+                info = dataclasses.replace(info, elapsed=info.elapsed - (previewer.seconds - outside))
+            bar.update(info)
+            if previewer is not None and previewer.due(start.step + info.step, total_steps):
+                preview_at(start.step + info.step, info.loss, running=True)
+
         try:
             with (
                 frozen(diffusion),
@@ -180,7 +207,7 @@ def train(
                     config=config,
                     device=device,
                     resume=ResumeState(start.step, start.step + config.steps, start.optimizer_state),
-                    on_step=bar.update,
+                    on_step=on_step,
                     on_checkpoint=writer.save_checkpoint,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
@@ -191,6 +218,9 @@ def train(
         finally:
             bar.close()
     total = start.step + config.steps
+    if previewer is not None and previewer.due(total, total):  # the last step, where the loop did not get to it
+        with cm.training_mode():
+            preview_at(total, result.losses[-1], running=False)
     return writer.lora(total, result.losses[-1]), result.losses, total
 
 
@@ -299,6 +329,12 @@ def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torc
                f"To fit: {'; '.join(tips)}. ({error.detail})")  # fmt: skip
     log.error("LoRA Lab: %s", message)
     return TrainingOutOfMemory(message, error.step, error.total, error.detail)
+
+
+def _reload(patcher) -> None:
+    """The training clone loaded again after another clone of its model (a preview's) was."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    cm.materialize_inference_tensors(patcher.model)
 
 
 def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:
@@ -447,16 +483,21 @@ class _Progress:
     pack's own websocket event for the live view (the first one with the memory plan)."""
 
     def __init__(self, total: int, node_id, memory: dict | None = None):
-        self.node_id, self.memory = node_id, memory
+        self.node_id, self.memory, self.total, self.done = node_id, memory, total, 0
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
 
     def update(self, info: StepInfo) -> None:
+        self.done = info.step
         self.bar.update(1)
         self.tqdm.update(1)
         self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)
         send_progress(self.node_id, info, self.memory)
         self.memory = None
+
+    def show(self, image) -> None:
+        """An image on the node (ComfyUI's progress preview), the bar where it is."""
+        self.bar.update_absolute(self.done, self.total, ("PNG", image, 512))
 
     def close(self) -> None:
         self.tqdm.close()

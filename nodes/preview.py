@@ -1,0 +1,256 @@
+"""Sample previews while training, rendered by ComfyUI's own KSampler path on the model with the
+adapter applied the way the saved file is applied.
+
+``LoraLab_PreviewSettings`` describes the previews (prompt, sampler, size, seed, how often); its output
+goes into the ``preview`` input of Training Options. The trainer calls :class:`Previewer` before the
+first step, every ``every_n_steps`` and after the last step. Each preview:
+
+- builds the step's LORA_MODEL exactly as Save LoRA / a checkpoint would write it, and applies it to a
+  clone of the MODEL the trainer was given with ComfyUI's loader (``load_lora_for_models``), not to the
+  training clone (whose attention and compute dtype are set for training);
+- samples with ComfyUI's ``common_ksampler`` (the KSampler node's own function) on an empty latent
+  from ``EmptyLatentImage``, under inference mode as ComfyUI runs nodes: the same latent a KSampler on
+  the checkpoint file renders;
+- decodes with the VAE when one is given, else ComfyUI's latent-to-RGB preview of the model's latent
+  format; saves ``<prefix>/step_<N>_<i>.png`` in the output folder (step and workflow in the PNG's
+  text chunks), shows the image on the trainer node (ComfyUI's progress preview) and sends a
+  ``loralab.preview`` websocket event with the file names.
+
+Training state is not touched: the trainer pauses its adapter hooks around a preview and reloads its
+clone afterwards; the sampler's own random state is seeded from the preview seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.samplers
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..training.lorafile import safe_prefix
+
+log = logging.getLogger("loralab")
+
+PREVIEW_TYPE = "LORALAB_PREVIEW"
+PREVIEW_EVENT = "loralab.preview"
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    positive: list
+    negative: list | None
+    vae: object | None
+    every_n_steps: int
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    width: int
+    height: int
+    lora_strength: float
+    filename_prefix: str
+
+
+class LoraLab_PreviewSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_PreviewSettings",
+            display_name="Preview Settings (LoRA Lab)",
+            category="LoRA Lab",
+            description=(
+                "Sample previews during training, rendered by ComfyUI's own KSampler on the model with the LoRA as it "
+                "would be saved at that step: what you see is what the saved file renders. Connect to the preview "
+                "input of Training Options (LoRA Lab)."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The preview prompt (CLIP Text Encode)."),
+                io.Int.Input("every_n_steps", default=50, min=0, max=100000,
+                             tooltip="A preview every N optimizer steps, plus before the first and after the last step; 0: only those two."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed: the same for every preview, so they compare."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance (1.0: the negative prompt is not used)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple"),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Image width in pixels (an empty latent of width / 8)."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."),
+                io.Float.Input("lora_strength", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="Strength the LoRA is applied with."),
+                io.String.Input("filename_prefix", default="loralab/previews", tooltip="Folder / prefix in the output folder: <prefix>/step_<N>_<i>.png."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Optional negative prompt; without one, the positive zeroed out."),
+                io.Vae.Input("vae", optional=True, tooltip="Optional VAE to decode previews; without one, ComfyUI's latent-to-RGB preview."),
+            ],
+            outputs=[io.Custom(PREVIEW_TYPE).Output(display_name="preview", tooltip="Connect to Training Options' preview input.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        if not isinstance(filename_prefix, str):
+            return True
+        try:
+            safe_prefix(filename_prefix)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, positive, every_n_steps, seed, steps, cfg, sampler_name, scheduler, width, height, lora_strength,
+                filename_prefix, negative=None, vae=None) -> io.NodeOutput:  # fmt: skip
+        safe_prefix(filename_prefix)
+        return io.NodeOutput(PreviewSettings(positive, negative, vae, every_n_steps, seed, steps, cfg, sampler_name,
+                                             scheduler, width, height, lora_strength, filename_prefix))  # fmt: skip
+
+
+def comfy_nodes():
+    """ComfyUI's own nodes.py (KSampler's common_ksampler, EmptyLatentImage): the module the server
+    loaded, or loaded from ComfyUI's folder where a bare "nodes" is another package (tests)."""
+    mod = sys.modules.get("nodes")
+    if mod is not None and hasattr(mod, "common_ksampler"):
+        return mod
+    mod = sys.modules.get("loralab_comfy_nodes")
+    if mod is None:
+        path = Path(folder_paths.base_path) / "nodes.py"
+        spec = importlib.util.spec_from_file_location("loralab_comfy_nodes", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["loralab_comfy_nodes"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _zero_out(conditioning: list) -> list:
+    """A negative of the positive's shape with zeros (what ConditioningZeroOut gives)."""
+    out = []
+    for tensor, opts in conditioning:
+        opts = dict(opts)
+        if opts.get("pooled_output") is not None:
+            opts["pooled_output"] = torch.zeros_like(opts["pooled_output"])
+        out.append([torch.zeros_like(tensor), opts])
+    return out
+
+
+def latent_to_rgb(model, samples: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI's latent-to-RGB preview of the model's latent format, one image per latent; a grey
+    view of the first channels where the format has no RGB factors."""
+    import latent_preview
+
+    fmt = model.model.latent_format
+    factors = getattr(fmt, "latent_rgb_factors", None)
+    images = []
+    for i in range(samples.shape[0]):
+        x0 = samples[i : i + 1].float().cpu()
+        if factors is not None:
+            try:
+                previewer = latent_preview.Latent2RGBPreviewer(factors, getattr(fmt, "latent_rgb_factors_bias", None),
+                                                               getattr(fmt, "latent_rgb_factors_reshape", None))  # fmt: skip
+            except TypeError:  # older signature
+                previewer = latent_preview.Latent2RGBPreviewer(factors)
+            images.append(previewer.decode_latent_to_preview(x0).convert("RGB"))
+            continue
+        grey = x0[0, :3] if x0.ndim == 4 else x0[0, :3, 0]
+        grey = ((grey - grey.min()) / (grey.max() - grey.min() + 1e-8) * 255).byte().permute(1, 2, 0).numpy()
+        images.append(Image.fromarray(np.ascontiguousarray(grey)).convert("RGB"))
+    return images
+
+
+class Previewer:
+    """Renders the previews of one training run (see the module doc)."""
+
+    def __init__(self, settings: PreviewSettings, model, node_id=None, prompt: Mapping | None = None, show=None):
+        self.settings, self.model, self.node_id, self.prompt = settings, model, node_id, prompt
+        self.show = show  # show(PIL image): the image on the trainer node (its progress preview)
+        self.seconds = 0.0  # time spent in previews (kept out of steps/s)
+        self.rendered: set[int] = set()
+        self.last: dict[int, torch.Tensor] = {}  # step -> sampled latent (tests compare it with KSampler)
+
+    def due(self, step: int, total: int) -> bool:
+        every = self.settings.every_n_steps
+        return step not in self.rendered and (step == 0 or step == total or (every > 0 and step % every == 0))
+
+    def render(self, step: int, lora: Mapping[str, torch.Tensor], start_step: int = 0) -> list[str]:
+        """One preview at `step` with `lora` (the LORA_MODEL as it would be saved); returns the saved
+        files' names relative to the output folder."""
+        t0 = time.perf_counter()
+        s = self.settings
+        try:
+            import comfy.sd
+
+            nodes_mod = comfy_nodes()
+            with torch.inference_mode():
+                model = comfy.sd.load_lora_for_models(self.model, None, lora, s.lora_strength, 0)[0] if lora else self.model
+                latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, 1)[0]
+                negative = s.negative if s.negative is not None else _zero_out(s.positive)
+                out = nodes_mod.common_ksampler(model, s.seed, s.steps, s.cfg, s.sampler_name, s.scheduler, s.positive,
+                                                negative, latent)[0]["samples"]  # fmt: skip
+                self.last[step] = out.detach().clone()
+                if s.vae is not None:
+                    decoded = s.vae.decode(out)
+                    decoded = decoded.reshape(-1, *decoded.shape[-3:])
+                    pil = [Image.fromarray(np.clip(255.0 * d.float().cpu().numpy(), 0, 255).astype(np.uint8)) for d in decoded]
+                else:
+                    pil = latent_to_rgb(model, out)
+            names = [self._save(img, step, i) for i, img in enumerate(pil)]
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self.rendered.add(step)
+        self._announce(step, names, pil[0] if pil else None)
+        return names
+
+    def _save(self, img: Image.Image, step: int, index: int) -> str:
+        """<output>/<prefix>/step_<N>_<i>.png, created exclusively (a free name with a counter if taken);
+        a failed write leaves nothing behind."""
+        prefix = safe_prefix(self.settings.filename_prefix)
+        folder = Path(folder_paths.get_output_directory()) / prefix
+        folder.mkdir(parents=True, exist_ok=True)
+        info = PngInfo()
+        info.add_text("loralab.step", str(step))
+        if self.prompt is not None:
+            info.add_text("prompt", json.dumps(self.prompt))
+        for n in range(10_000):
+            name = f"step_{step}_{index}.png" if n == 0 else f"step_{step}_{index}_{n}.png"
+            target = folder / name
+            try:
+                with open(target, "xb") as f:
+                    try:
+                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
+                    except BaseException:
+                        f.close()
+                        target.unlink(missing_ok=True)
+                        raise
+            except FileExistsError:
+                continue
+            return f"{prefix}/{name}"
+        raise FileExistsError(f"Preview Settings: no free file name for step {step} in {folder}")
+
+    def _announce(self, step: int, names: list[str], first: Image.Image | None) -> None:
+        """The preview on the trainer node (ComfyUI's progress preview) and a loralab.preview event."""
+        if first is not None and self.show is not None:
+            try:
+                self.show(first)
+            except Exception:  # the image on the node is a convenience; the file and the event are there
+                log.debug("LoRA Lab: could not show the preview on the node", exc_info=True)
+        try:
+            from server import PromptServer
+        except ImportError:  # not inside a ComfyUI server
+            return
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        files = [{"filename": os.path.basename(n), "subfolder": os.path.dirname(n), "type": "output"} for n in names]
+        server.send_sync(PREVIEW_EVENT, {"node": self.node_id, "prompt_id": getattr(server, "last_prompt_id", None),
+                                         "step": step, "images": files}, server.client_id)  # fmt: skip
+
+
+NODES: list[type[io.ComfyNode]] = [LoraLab_PreviewSettings]

@@ -1,0 +1,101 @@
+"""Previews during training (nodes/preview.py), in-process on the tiny SD1.5 UNet: a preview at step N is
+bit-identical to ComfyUI's KSampler on the checkpoint file saved at step N, a run with previews ends
+with the same LoRA as one without, and every preview is a PNG in the output folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def glue(comfy_glue, cm, families):
+    return comfy_glue("train"), comfy_glue("preview"), families
+
+
+@pytest.fixture
+def output_dir(tmp_path, comfy_glue):
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    folder_paths.set_output_directory(before)
+
+
+def _settings(preview_mod, positive, negative=None, every=2, cfg=1.0):
+    return preview_mod.PreviewSettings(positive=positive, negative=negative, vae=None, every_n_steps=every, seed=7,
+                                       steps=3, cfg=cfg, sampler_name="euler", scheduler="simple", width=128,
+                                       height=128, lora_strength=1.0, filename_prefix="loralab/previews")  # fmt: skip
+
+
+def _train(glue, monkeypatch, settings, steps=4, save_every=0):
+    """(LORA_MODEL, the run's Previewer or None, input model)."""
+    train_mod, _, families = glue
+    from training.config import TrainConfig
+
+    model = families.build_model("sd15")
+    latents, conditioning = families.make_data("sd15")
+    made = []
+
+    class Spy(train_mod.Previewer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train_mod, "Previewer", Spy)
+    config = TrainConfig(steps=steps, rank=RANK, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32",
+                         save_every=save_every)  # fmt: skip
+    lora, losses, _ = train_mod.train(model, [latents], [conditioning], config, "[None]", None, "loralab/pv/ck",
+                                      preview=settings)  # fmt: skip
+    return lora, (made[0] if made else None), model, conditioning
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_preview_at_step_n_is_ksampler_on_the_checkpoint_saved_at_step_n(glue, loras_dir, output_dir, monkeypatch, cfg):
+    import comfy.sd
+
+    from training.lorafile import read_lora_file
+
+    _, preview_mod, families = glue
+    _, conditioning = families.make_data("sd15")
+    positive = [conditioning[0]]
+    negative = [conditioning[1]] if cfg != 1.0 else None
+    _, previewer, model, _ = _train(glue, monkeypatch, _settings(preview_mod, positive, negative, cfg=cfg), save_every=2)
+    assert sorted(previewer.last) == [0, 2, 4]
+    checkpoint = next((loras_dir / "loralab" / "pv").glob("ck_2_steps_*.safetensors"))
+    file_sd, _ = read_lora_file(checkpoint)
+    nodes_mod = preview_mod.comfy_nodes()
+    with torch.inference_mode():
+        patched = comfy.sd.load_lora_for_models(model, None, file_sd, 1.0, 0)[0]
+        latent = nodes_mod.EmptyLatentImage().generate(128, 128, 1)[0]
+        neg = negative if negative is not None else preview_mod._zero_out(positive)
+        expected = nodes_mod.common_ksampler(patched, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0]["samples"]
+        base = nodes_mod.common_ksampler(model, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0]["samples"]
+    assert torch.equal(previewer.last[2], expected)
+    assert not torch.equal(previewer.last[4], expected) and torch.equal(previewer.last[0], base)  # step 0: no LoRA effect
+
+
+def test_a_run_with_previews_ends_with_the_same_lora_as_one_without(glue, loras_dir, output_dir, monkeypatch):
+    _, preview_mod, families = glue
+    _, conditioning = families.make_data("sd15")
+    with_previews, previewer, _, _ = _train(glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=1))
+    without, none, _, _ = _train(glue, monkeypatch, None)
+    assert none is None and sorted(previewer.last) == [0, 1, 2, 3, 4]
+    assert with_previews.keys() == without.keys()
+    for key, value in without.items():
+        assert torch.equal(with_previews[key], value), key
+
+
+def test_every_preview_is_a_png_with_its_step(glue, loras_dir, output_dir, monkeypatch):
+    _, preview_mod, families = glue
+    _, conditioning = families.make_data("sd15")
+    _, previewer, _, _ = _train(glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=3), steps=4)
+    files = sorted(p.name for p in (output_dir / "loralab" / "previews").iterdir())
+    assert files == ["step_0_0.png", "step_3_0.png", "step_4_0.png"], files
+    with Image.open(output_dir / "loralab" / "previews" / "step_3_0.png") as img:
+        assert img.size == (16, 16) and img.text["loralab.step"] == "3"  # latent-to-RGB: one pixel per latent pixel
+    assert previewer.seconds > 0
