@@ -1,0 +1,51 @@
+"""Previews during training through a real server: Preview Settings -> Training Options -> Train LoRA on
+the test kit's tiny SD1.5 UNet. Every preview is a PNG in the output folder and a ``loralab.preview``
+event naming it, with the step and the workflow in the PNG; the run's LoRA equals that of the same run
+without previews."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from tests.e2e.graphs import LORA_OUT, Graph, lora_tensors, run_ok, saved_lora
+
+pytestmark = pytest.mark.server
+
+DIR = "e2e_pv"
+TINY = "LoraLabTest_TinyFamily"
+
+
+def _graph(with_preview: bool, prefix: str):
+    g = Graph()
+    tiny = g.add(TINY, family="sd15", weight_dtype="default", seed=0, count=2)
+    overrides = {"checkpoint_prefix": f"{DIR}/ck"}
+    options = g.training_options(**overrides)
+    if with_preview:
+        preview = g.add("LoraLab_PreviewSettings", positive=tiny[2], every_n_steps=2, seed=3, steps=3, cfg=1.0,
+                        sampler_name="euler", scheduler="simple", width=128, height=128, lora_strength=1.0,
+                        filename_prefix=f"{DIR}/previews")  # fmt: skip
+        g.prompt[options.id]["inputs"]["preview"] = preview[0]
+    trainer = g.train_with_options(tiny[0], tiny[1], tiny[2], options, steps=4, rank=4, learning_rate=0.01,
+                                   training_dtype="fp32", lora_dtype="fp32")  # fmt: skip
+    save = g.save_lora(trainer[LORA_OUT], f"{DIR}/{prefix}")
+    return g, trainer, save
+
+
+def test_previews_are_files_and_events_and_leave_the_lora_as_without(comfy_server):
+    g, trainer, save = _graph(True, "with")
+    result = run_ok(comfy_server.client, g.prompt, timeout=300)
+    events = [e for e in result.events_of("loralab.preview") if str(e.get("node")) == trainer.id]
+    assert [e["step"] for e in events] == [0, 2, 4], events
+    folder = comfy_server.output_dir / DIR / "previews"
+    for e in events:
+        (image,) = e["images"]
+        assert image["type"] == "output" and image["subfolder"] == f"{DIR}/previews"
+        with Image.open(folder / image["filename"]) as png:
+            assert png.text["loralab.step"] == str(e["step"]) and "prompt" in png.text
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0_0.png", "step_2_0.png", "step_4_0.png"]
+
+    g2, _, save2 = _graph(False, "without")
+    plain = run_ok(comfy_server.client, g2.prompt, timeout=300)
+    a, b = lora_tensors(saved_lora(result, save)[1]), lora_tensors(saved_lora(plain, save2)[1])
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
