@@ -49,3 +49,39 @@ def test_previews_are_files_and_events_and_leave_the_lora_as_without(comfy_serve
     plain = run_ok(comfy_server.client, g2.prompt, timeout=300)
     a, b = lora_tensors(saved_lora(result, save)[1]), lora_tensors(saved_lora(plain, save2)[1])
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_interrupt_during_a_preview_stops_within_a_sampling_step_and_writes_nothing(comfy_server):
+    """A preview of 5000 sampling steps before the first training step: the interrupt button stops it at
+    once (the sampler checks it every step), no preview file is left, and the next prompt trains."""
+    import time
+
+    comfy = comfy_server.client
+    g = Graph()
+    tiny = g.add(TINY, family="sd15", weight_dtype="default", seed=1, count=2)
+    preview = g.add("LoraLab_PreviewSettings", positive=tiny[2], every_n_steps=0, seed=3, steps=5000, cfg=1.0,
+                    sampler_name="euler", scheduler="simple", width=128, height=128, lora_strength=1.0,
+                    filename_prefix=f"{DIR}/interrupted")  # fmt: skip
+    options = g.training_options(checkpoint_prefix=f"{DIR}/ck")
+    g.prompt[options.id]["inputs"]["preview"] = preview[0]
+    trainer = g.train_with_options(tiny[0], tiny[1], tiny[2], options, steps=3, rank=4)
+    g.save_lora(trainer[LORA_OUT], f"{DIR}/interrupted")
+    seen: dict[str, float] = {}
+
+    def on_event(etype: str, data: dict) -> None:
+        if etype == "progress" and data.get("max") == 5000 and "asked" not in seen:
+            seen["asked"] = time.monotonic()
+            comfy.interrupt()
+        elif etype in ("execution_interrupted", "execution_error", "execution_success") and "ended" not in seen:
+            seen["ended"] = time.monotonic()
+
+    result = comfy.run(g.prompt, timeout=240, on_event=on_event)
+    assert "asked" in seen and result.status == "interrupted", result.error_message
+    sampled = max(e["value"] for e in result.events_of("progress") if e.get("max") == 5000)
+    print(f"preview interrupt: stopped {seen['ended'] - seen['asked']:.2f} s after the request, at sampling step {sampled}")
+    assert seen["ended"] - seen["asked"] < 10.0 and sampled < 5000
+    assert not (comfy_server.output_dir / DIR / "interrupted").exists() or not any((comfy_server.output_dir / DIR / "interrupted").iterdir())
+    assert not list((comfy_server.base_dir / "models" / "loras" / DIR).glob("interrupted_*"))
+
+    g2, _, save2 = _graph(False, "after_interrupt")
+    run_ok(comfy, g2.prompt, timeout=300)
