@@ -6,6 +6,10 @@
 // losses of all steps since the previous one, so the curve is complete although messages are
 // throttled. The last curve stays on the node after the run.
 //
+// With Preview Settings connected, the pack's `loralab.preview` event (nodes/preview.py) names each
+// preview image as it is saved; the panel shows the latest ones in a strip under the curve, each with
+// its step, and keeps them after the run.
+//
 // The panel is a DOM widget that is neither saved in the workflow (widgets_values) nor sent with
 // the prompt. Without this file nothing changes for the server or for HTTP API clients, and an
 // event for a node that is not on the canvas is kept (so the view can show up when the node does)
@@ -16,6 +20,9 @@ import { api } from "../../scripts/api.js";
 
 const EXTENSION = "loralab.liveview";
 const EVENT = "loralab.progress";
+const PREVIEW_EVENT = "loralab.preview";
+const MAX_PREVIEWS = 6; // thumbnails in the strip (the latest)
+const STRIP_HEIGHT = 84;
 const TRAIN_NODE = "LoraLab_TrainLoraNode";
 const WIDGET_NAME = "loralab_live";
 const VIEW_KEY = "__loralabLiveView";
@@ -55,7 +62,32 @@ function newRun(nodeId, promptId, firstStep) {
     stepsPerS: null,
     elapsed: null,
     status: "running", // running | done | stopped | error
+    previews: [], // [{step, url}] in arrival order
   };
+}
+
+/** The run of a node for a preview event: previews may come before the first step's progress. */
+function runForPreview(detail) {
+  const nodeId = String(detail.node);
+  const promptId = detail.prompt_id ?? null;
+  let run = runs.get(nodeId);
+  if (!run || run.promptId !== promptId) {
+    run = newRun(nodeId, promptId, 1);
+    runs.set(nodeId, run);
+    while (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
+  }
+  const step = toInt(detail.step, 0);
+  for (const image of Array.isArray(detail.images) ? detail.images : []) {
+    if (!image || typeof image.filename !== "string") continue;
+    const query = new URLSearchParams({
+      filename: image.filename,
+      subfolder: image.subfolder ?? "",
+      type: image.type ?? "output",
+    });
+    run.previews.push({ step, url: api.apiURL(`/view?${query}`) });
+  }
+  run.previews = run.previews.slice(-MAX_PREVIEWS);
+  return run;
 }
 
 /** Fold one `loralab.progress` message into the run it belongs to; returns that run. */
@@ -70,7 +102,9 @@ function updateRun(detail) {
 
   let run = runs.get(nodeId);
   if (!run || run.promptId !== promptId || step <= run.step) {
+    const previews = run && run.promptId === promptId ? run.previews : [];
     run = newRun(nodeId, promptId, firstStep);
+    run.previews = previews; // the step-0 preview comes before the first progress message
   }
   runs.delete(nodeId); // re-insert: Map order is then oldest-updated first
   runs.set(nodeId, run);
@@ -179,6 +213,12 @@ const STYLE = `
 .loralab-live-legend { position: absolute; right: 4px; top: 1px; font-size: 10px; }
 .loralab-live-legend .raw { color: #6fa8dc; }
 .loralab-live-legend .smooth { color: #f6b26b; }
+.loralab-live-strip { display: none; flex: 0 0 ${STRIP_HEIGHT}px; gap: 4px; overflow: hidden; }
+.loralab-live[data-previews]:not([data-previews="0"]) .loralab-live-strip { display: flex; }
+.loralab-live-thumb { position: relative; height: 100%; flex: 0 0 auto; }
+.loralab-live-thumb img { height: 100%; width: auto; border-radius: 3px; image-rendering: pixelated; }
+.loralab-live-thumb span { position: absolute; left: 2px; bottom: 1px; font-size: 10px;
+  background: rgba(0, 0, 0, 0.55); color: #fff; padding: 0 3px; border-radius: 2px; }
 `;
 
 function injectStyle() {
@@ -244,9 +284,10 @@ function buildElement() {
   const loss = el("span", "loralab-live-loss", "");
   const lr = el("span", "loralab-live-lr", "");
   foot.append(loss, lr);
+  const strip = el("div", "loralab-live-strip");
 
-  root.append(head, plot, foot);
-  return { root, status, steps, rate, eta, raw, smoothed, ymax, ymin, xmax, loss, lr };
+  root.append(head, plot, foot, strip);
+  return { root, status, steps, rate, eta, raw, smoothed, ymax, ymin, xmax, loss, lr, strip };
 }
 
 function isTrainNode(node) {
@@ -277,12 +318,12 @@ function ensureView(node) {
   const widget = node.addDOMWidget(WIDGET_NAME, "loralab_live", parts.root, {
     serialize: false, // not sent with the prompt
     hideOnZoom: false,
-    getMinHeight: () => MIN_HEIGHT,
+    getMinHeight: () => MIN_HEIGHT + (node[VIEW_KEY]?.run?.previews?.length ? STRIP_HEIGHT : 0),
     getValue: () => "",
     setValue: () => {},
   });
   widget.serialize = false; // not stored in the workflow's widgets_values
-  const view = { ...parts, widget, run: null, frame: 0 };
+  const view = { ...parts, widget, node, run: null, frame: 0, stripKey: "", grown: false };
   node[VIEW_KEY] = view;
 
   try {
@@ -355,6 +396,37 @@ function render(view) {
   const best = finite_.length ? Math.min(...finite_) : NaN;
   view.loss.textContent = `loss ${formatLoss(run.loss)}  smoothed ${formatLoss(lastSmooth)}  min ${formatLoss(best)}`;
   view.lr.textContent = finite(run.lr) ? `lr ${run.lr.toExponential(1)}` : "";
+  renderStrip(view, run);
+}
+
+/** The latest previews as thumbnails with their step; images already shown are kept, not reloaded. */
+function renderStrip(view, run) {
+  const previews = run.previews ?? [];
+  view.root.dataset.previews = String(previews.length);
+  const key = previews.map((p) => p.url).join("|");
+  if (view.stripKey === key) return;
+  view.stripKey = key;
+  const grow = previews.length && !view.grown;
+  view.strip.replaceChildren(
+    ...previews.map((p) => {
+      const box = el("div", "loralab-live-thumb");
+      const img = document.createElement("img");
+      img.src = p.url;
+      img.alt = `preview at step ${p.step}`;
+      img.dataset.step = String(p.step);
+      box.append(img, el("span", null, `step ${p.step}`));
+      return box;
+    }),
+  );
+  if (grow) { // room for the strip, once
+    view.grown = true;
+    try {
+      view.node.setSize([view.node.size[0], view.node.size[1] + STRIP_HEIGHT]);
+      view.node.setDirtyCanvas?.(true, true);
+    } catch (err) {
+      console.warn(`[${EXTENSION}] could not resize node ${view.node.id}`, err);
+    }
+  }
 }
 
 function show(node, run) {
@@ -406,6 +478,13 @@ app.registerExtension({
         if (!detail || detail.node == null) return;
         const run = updateRun(detail);
         if (run) attach(run);
+      }),
+    );
+    api.addEventListener(
+      PREVIEW_EVENT,
+      guarded(PREVIEW_EVENT, (detail) => {
+        if (!detail || detail.node == null) return;
+        attach(runForPreview(detail));
       }),
     );
     api.addEventListener(

@@ -341,3 +341,65 @@ def test_progress_events_for_absent_or_other_nodes_are_harmless(ui):
     assert state["status"] == "done" and state["points"] == "5000" and "step 5000 / 5000" in state["text"], state
     assert 100 <= state["raw"] <= 600 and 100 <= state["smooth"] <= 600, state
     ui.assert_no_errors("after synthetic progress events")
+
+
+def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
+    """The tiny template with Preview Settings wired in through the canvas (dataset's positive ->
+    Preview Settings -> Training Options -> Train LoRA), queued with the Run button: the previews
+    appear in the strip of the live view while it trains, each with its step, and stay after the run."""
+    ensure_open(ui)
+    page = ui.page
+    workflow = json.loads((ROOT / "example_workflows" / f"{TEMPLATE}.json").read_text())
+    ui.load_graph(workflow, "previews")
+    page.wait_for_function(f"app.graph.nodes.length === {len(workflow['nodes'])}")
+    seed = random.randrange(1, 2**31)
+    page.evaluate(
+        """([train_type, seed]) => {
+        const g = app.graph;
+        const train = g.nodes.find((n) => n.type === train_type);
+        const data = g.nodes.find((n) => n.type === "LoraLab_LoadLatentDataset");
+        const options = LiteGraph.createNode("LoraLab_TrainingOptions");
+        const preview = LiteGraph.createNode("LoraLab_PreviewSettings");
+        options.pos = [train.pos[0] - 420, train.pos[1] + 260];
+        preview.pos = [train.pos[0] - 840, train.pos[1] + 260];
+        g.add(options);
+        g.add(preview);
+        const set = (node, name, value) => { node.widgets.find((w) => w.name === name).value = value; };
+        set(preview, "every_n_steps", 10);
+        set(preview, "steps", 2);
+        set(preview, "width", 128);
+        set(preview, "height", 128);
+        set(preview, "filename_prefix", "browser/previews");
+        set(train, "seed", seed);
+        data.connect(1, preview, preview.findInputSlot("positive"));
+        preview.connect(0, options, options.findInputSlot("preview"));
+        options.connect(0, train, train.findInputSlot("options"));
+        g.setDirtyCanvas(true, true);
+    }""",
+        [TRAIN, seed],
+    )
+    steps = page.evaluate(f"app.graph.nodes.find(n => n.type === '{TRAIN}').widgets.find(w => w.name === 'steps').value")
+    ui.assert_no_errors("wiring the preview nodes")
+
+    page.locator('[data-testid="queue-button"]').first.click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.loralab-live-strip img')].filter((i) => i.complete && i.naturalWidth > 0).length >= 2",
+        timeout=SLOW_S * 1000,
+    )
+    ui.command("Comfy.Canvas.FitView")
+    ui.screenshot("previews_while_training.png")
+    page.wait_for_function(
+        "() => document.querySelector('.loralab-live')?.dataset.status !== 'running'", timeout=SLOW_S * 1000
+    )
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('.loralab-live-strip img')].some((i) => i.dataset.step === '{steps}' && i.naturalWidth > 0)",
+        timeout=SLOW_S * 1000,
+    )
+    ui.screenshot("previews_after_training.png")
+    shown = page.evaluate(
+        "() => [...document.querySelectorAll('.loralab-live-strip img')].map((i) => [+i.dataset.step, i.naturalWidth, i.getBoundingClientRect().height])"
+    )
+    expected = [s for s in range(0, steps + 1) if s == 0 or s == steps or s % 10 == 0][-6:]
+    assert [s for s, _, _ in shown] == expected, shown
+    assert all(width == 16 and height > 40 for _, width, height in shown), shown  # 16x16 latent-to-RGB, drawn large
+    ui.assert_no_errors("training with previews")
