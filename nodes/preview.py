@@ -115,18 +115,21 @@ class LoraLab_PreviewSettings(io.ComfyNode):
 
 
 def comfy_nodes():
-    """ComfyUI's own nodes.py (KSampler's common_ksampler, EmptyLatentImage): the module the server
-    loaded, or loaded from ComfyUI's folder where a bare "nodes" is another package (tests)."""
-    mod = sys.modules.get("nodes")
-    if mod is not None and hasattr(mod, "common_ksampler"):
-        return mod
-    mod = sys.modules.get("loralab_comfy_nodes")
-    if mod is None:
-        path = Path(folder_paths.base_path) / "nodes.py"
-        spec = importlib.util.spec_from_file_location("loralab_comfy_nodes", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["loralab_comfy_nodes"] = mod
-        spec.loader.exec_module(mod)
+    """ComfyUI's own nodes.py (KSampler's common_ksampler, EmptyLatentImage) of the ComfyUI whose comfy
+    package is running: the module the server loaded, or loaded from that tree where a bare "nodes"
+    is another package (tests)."""
+    import comfy.sd
+
+    root = Path(comfy.sd.__file__).resolve().parents[1]  # comfy is a namespace package: no __file__
+    for name in ("nodes", "loralab_comfy_nodes"):
+        mod = sys.modules.get(name)
+        where = getattr(mod, "__file__", None)
+        if hasattr(mod, "common_ksampler") and where and Path(where).resolve().parent == root:
+            return mod
+    spec = importlib.util.spec_from_file_location("loralab_comfy_nodes", root / "nodes.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["loralab_comfy_nodes"] = mod
+    spec.loader.exec_module(mod)
     return mod
 
 

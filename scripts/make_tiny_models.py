@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 
@@ -28,7 +29,8 @@ DATASET_NAME = "loralab-tiny-dataset"
 
 
 def _comfy_path() -> pathlib.Path:
-    return ROOT / ".comfyui" / "ComfyUI"
+    """The ComfyUI tree to import: LORALAB_COMFY_DIR, else the checkout's own."""
+    return pathlib.Path(os.environ.get("LORALAB_COMFY_DIR") or ROOT / ".comfyui" / "ComfyUI")
 
 
 def mmdit_meta(depth: int, context_dim: int, pooled_dim: int, pos_max: int):
@@ -115,7 +117,10 @@ def unet_state_dict(arch: str, seed: int, dtype=None) -> dict:
 
 
 def _import_comfy() -> None:
-    sys.path.insert(0, str(_comfy_path()))
+    """ComfyUI's modules, from the tree already imported when there is one (a second tree on sys.path
+    would shadow the first one's top-level modules: nodes, latent_preview, ...)."""
+    if "comfy" not in sys.modules:
+        sys.path.insert(0, str(_comfy_path()))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
