@@ -10,9 +10,10 @@ from .files import NODES as FILE_NODES
 from .options import TrainingOptions
 from .preview import NODES as PREVIEW_NODES
 from .train import TrainLoraNode
+from .validation import NODES as VALIDATION_NODES
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, LoadLatentDataset, DenoiseLoss,
-                                       LoadImageCaptionFolder, *PREVIEW_NODES]
+                                       LoadImageCaptionFolder, *PREVIEW_NODES, *VALIDATION_NODES]
 
 
 class LoraLabExtension(ComfyExtension):

@@ -18,6 +18,8 @@ are throttled, the losses and learning rates of all steps since the previous mes
         "lrs": [0.0005, 0.0005, 0.0005, 0.0005, 0.0005],   # their learning rates
         "memory": {...},          # first message of a run only: the memory plan in bytes (weights,
                                   # trainable, gradients, optimizer, activations, added, available)
+        "validation": [[0, 0.31], [50, 0.27]],  # with a Validation Set: [step, held-out loss] measured
+                                                # since the previous message
     }
 
 A loss that is not finite is sent as ``null`` (JSON has no NaN / Infinity).
@@ -43,6 +45,7 @@ class _Pending:
     first_step: int | None = None
     losses: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
+    validation: list = field(default_factory=list)
 
 
 _pending: dict = {}  # node id -> _Pending (touched only by the executing thread)
@@ -56,7 +59,7 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
-def send_progress(node_id, info, memory: dict | None = None) -> None:
+def send_progress(node_id, info, memory: dict | None = None, validation: list | None = None) -> None:
     try:
         from server import PromptServer
     except ImportError:  # not inside a ComfyUI server
@@ -72,6 +75,7 @@ def send_progress(node_id, info, memory: dict | None = None) -> None:
         state.first_step = info.step
     state.losses.append(_finite_or_none(info.loss))
     state.lrs.append(info.lr)
+    state.validation.extend([int(step), _finite_or_none(value)] for step, value in validation or [])
     state.last_step = info.step
 
     now = time.monotonic()
@@ -79,8 +83,8 @@ def send_progress(node_id, info, memory: dict | None = None) -> None:
     if not last and now - state.last_sent < _MIN_INTERVAL_S:
         return
     state.last_sent = now
-    first_step, losses, lrs = state.first_step, state.losses, state.lrs
-    state.first_step, state.losses, state.lrs = None, [], []
+    first_step, losses, lrs, held_out = state.first_step, state.losses, state.lrs, state.validation
+    state.first_step, state.losses, state.lrs, state.validation = None, [], [], []
     if last:
         _pending.pop(node_id, None)
     payload = {
@@ -98,4 +102,6 @@ def send_progress(node_id, info, memory: dict | None = None) -> None:
     }
     if memory is not None:
         payload["memory"] = memory
+    if held_out:
+        payload["validation"] = held_out
     server.send_sync(PROGRESS_EVENT, payload, server.client_id)

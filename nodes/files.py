@@ -258,7 +258,7 @@ class LoraLab_PlotLoss(io.ComfyNode):
                 LOSS_MAP.Input(
                     "loss",
                     tooltip="Loss history (LOSS_MAP, {'loss': [one value per optimizer step]}) from LoRA Lab's "
-                    "trainer or ComfyUI's own 'Train LoRA' node.",
+                    "trainer or ComfyUI's own 'Train LoRA' node; a held-out loss (Validation Set) is drawn too.",
                 ),
                 io.String.Input(
                     "filename_prefix",
@@ -279,7 +279,10 @@ class LoraLab_PlotLoss(io.ComfyNode):
         if isinstance(values, torch.Tensor):
             values = values.detach().flatten().tolist()
         values = [float(v) for v in (values or [])]
-        img = render_loss_plot(values)
+        held_out = []
+        if isinstance(loss, Mapping) and loss.get("validation_loss") is not None:  # LoRA Lab's Validation Set
+            held_out = [(float(st), float(v)) for st, v in zip(loss.get("validation_step") or [], loss["validation_loss"], strict=False)]
+        img = render_loss_plot(values, validation=held_out)
 
         prefix = safe_prefix(filename_prefix)
         out_dir = folder_paths.get_output_directory()

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..training.config import SCHEDULE_NAMES, TARGET_PRESETS, TIMESTEP_SAMPLINGS, TrainConfig
 from ..training.lorafile import safe_prefix
 from .preview import PREVIEW_TYPE
+from .validation import VALIDATION_TYPE
 
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 DEFAULTS = TrainConfig()
@@ -50,6 +51,8 @@ class TrainingOptions(io.ComfyNode):
                              "(its LoRA file and .lorastate) is deleted. Files of other runs are never touched; 0 = keep all."),
                 io.Custom(PREVIEW_TYPE).Input("preview", optional=True,
                                               tooltip="Optional: sample previews during training (Preview Settings (LoRA Lab))."),
+                io.Custom(VALIDATION_TYPE).Input("validation", optional=True,
+                                                 tooltip="Optional: a held-out set whose loss is measured while training (Validation Set (LoRA Lab))."),
             ],
             outputs=[io.Custom(OPTIONS_TYPE).Output(display_name="options", tooltip="Connect to the options input of Train LoRA (LoRA Lab).")],
         )
@@ -66,11 +69,11 @@ class TrainingOptions(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, alpha: float, include: str, exclude: str, preview=None, **kwargs) -> io.NodeOutput:
+    def execute(cls, alpha: float, include: str, exclude: str, preview=None, validation=None, **kwargs) -> io.NodeOutput:
         # 0 means alpha = rank; anything else (NaN included, which "alpha > 0" would turn into None) goes to
         # TrainConfig, which refuses what is not a positive finite number, naming alpha.
         options = dict(kwargs, alpha=None if alpha == 0 else alpha, include=_patterns(include), exclude=_patterns(exclude))
         prefix = options.pop("checkpoint_prefix")
         safe_prefix(prefix, "checkpoint_prefix")  # a linked prefix was not checked at queue time
         TrainConfig(**options)  # fail here, at the options node, on a bad combination
-        return io.NodeOutput({"config": options, "checkpoint_prefix": prefix, "preview": preview})
+        return io.NodeOutput({"config": options, "checkpoint_prefix": prefix, "preview": preview, "validation": validation})

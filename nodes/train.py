@@ -36,7 +36,14 @@ from ..training.checkpointing import gradient_checkpointing, repeated_blocks
 from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
 from ..training.cpu_heap import retained_heap
 from ..training.data import collate
-from ..training.loop import ResumeState, StepInfo, TrainingOutOfMemory, derive_seed, run_training
+from ..training.loop import (
+    ResumeState,
+    StepInfo,
+    TrainingOutOfMemory,
+    derive_seed,
+    evaluate_denoise_loss,
+    run_training,
+)
 from ..training.lorafile import (
     LoraStateDict,
     build_metadata,
@@ -51,6 +58,7 @@ from .events import send_progress
 from .files import loras_root
 from .options import OPTIONS_TYPE
 from .preview import Previewer, PreviewSettings
+from .validation import ValidationSettings, Validator
 
 log = logging.getLogger("loralab")
 
@@ -119,19 +127,24 @@ class TrainLoraNode(io.ComfyNode):
         config = TrainConfig(**args, **opts["config"])
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         prompt = getattr(cls.hidden, "prompt", None) if cls.hidden is not None else None
+        held_out: dict = {}
         lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts["checkpoint_prefix"],
-                                       preview=opts.get("preview"), prompt=prompt)  # fmt: skip
+                                       preview=opts.get("preview"), prompt=prompt, validation=opts.get("validation"),
+                                       validation_out=held_out)  # fmt: skip
         model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
-        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses}, total)
+        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses, **held_out}, total)
 
 
 def train(
     model, latents, positive, config: TrainConfig, existing: str, node_id, checkpoint_prefix: str,
-    preview: PreviewSettings | None = None, prompt=None,
+    preview: PreviewSettings | None = None, prompt=None, validation: ValidationSettings | None = None,
+    validation_out: dict | None = None,
 ) -> tuple[LoraStateDict, list[float], int]:  # fmt: skip
     """Clone the model, attach adapters to the clone's layers for the run only, train, return the
     weights, the loss per step and the total step count (earlier steps of existing_lora included).
-    preview: sample previews before the first step, every N steps and after the last (nodes/preview.py)."""
+    preview: sample previews before the first step, every N steps and after the last (nodes/preview.py);
+    validation: measure a held-out set's loss at those points (nodes/validation.py), written into
+    validation_out as {"validation_loss": [...], "validation_step": [...]}."""
     loras_folder = loras_root()
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
@@ -182,13 +195,22 @@ def train(
         if previewer is not None:
             preview_at(start.step, float("nan"), running=False)
         outside = previewer.seconds if previewer is not None else 0.0
+        validator = None
+        if validation is not None:
+            held_out = cm.build_samples(patcher, [validation.latents], [validation.positive], device)
+            predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
+            validator = Validator(validation, lambda: evaluate_denoise_loss(predict, objective, held_out, device,
+                                                                            validation.seed, validation.levels))  # fmt: skip
 
         def on_step(info: StepInfo) -> None:
-            if previewer is not None:  # preview time is not training time
-                info = dataclasses.replace(info, elapsed=info.elapsed - (previewer.seconds - outside))
-            bar.update(info)
-            if previewer is not None and previewer.due(start.step + info.step, total_steps):
-                preview_at(start.step + info.step, info.loss, running=True)
+            step = start.step + info.step
+            if validator is not None and validator.due(step, total_steps):
+                validator.run(step)
+            away = (previewer.seconds - outside if previewer is not None else 0.0) + (validator.seconds if validator else 0.0)
+            info = dataclasses.replace(info, elapsed=info.elapsed - away)  # previews / validation are not training time
+            bar.update(info, validator.take_unsent() if validator is not None else None)
+            if previewer is not None and previewer.due(step, total_steps):
+                preview_at(step, info.loss, running=True)
 
         try:
             with (
@@ -199,6 +221,8 @@ def train(
                 copy_on_write(bool(in_place)),
                 retained_heap(device.type == "cpu"),
             ):
+                if validator is not None:  # before the first step, with the adapter as it starts
+                    validator.run(start.step)
                 result = run_training(
                     params=adapters.trainable_parameters(),
                     samples=samples,
@@ -218,6 +242,8 @@ def train(
         finally:
             bar.close()
     total = start.step + config.steps
+    if validator is not None and validation_out is not None:
+        validation_out.update(validation_loss=list(validator.losses), validation_step=list(validator.steps))
     if previewer is not None and previewer.due(total, total):  # the last step, where the loop did not get to it
         with cm.training_mode():
             preview_at(total, result.losses[-1], running=False)
@@ -487,12 +513,12 @@ class _Progress:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.tqdm = tqdm(total=total, desc="LoRA Lab", unit="step", dynamic_ncols=True)
 
-    def update(self, info: StepInfo) -> None:
+    def update(self, info: StepInfo, validation: list | None = None) -> None:
         self.done = info.step
         self.bar.update(1)
         self.tqdm.update(1)
         self.tqdm.set_postfix(loss=f"{info.loss:.4f}", refresh=False)
-        send_progress(self.node_id, info, self.memory)
+        send_progress(self.node_id, info, self.memory, validation)
         self.memory = None
 
     def show(self, image) -> None:

@@ -28,6 +28,7 @@ _EMA = (24, 82, 170)
 _MIN = (26, 150, 78)
 _FINAL = (228, 112, 18)
 _BAD = (212, 44, 44)
+_HELD_OUT = (120, 60, 170)
 
 
 def _font(size: int):
@@ -159,11 +160,15 @@ def render_loss_plot(
     title: str = "Training loss",
     width: int = 900,
     height: int = 500,
+    validation: Sequence[tuple[float, float]] = (),
 ) -> Image.Image:
-    """Chart of a loss curve, one value per optimizer step (step 1 is ``losses[0]``).
+    """Chart of a loss curve, one value per optimizer step (step 1 is ``losses[0]``), and optionally
+    a held-out loss measured at some steps (``validation``: (step, value) pairs; step 0 = before the
+    first step), drawn as a line of dots.
 
     Returns an RGB image of exactly ``width`` x ``height`` pixels.
     """
+    held_out = [(float(st), float(v)) for st, v in validation if math.isfinite(float(v))]
     width, height = int(width), int(height)
     if width < 240 or height < 160:
         raise ValueError(f"loss plot must be at least 240x160 pixels, got {width}x{height}")
@@ -195,11 +200,13 @@ def render_loss_plot(
         summary_parts.insert(
             1, f"{len(bad_steps)} non-finite value{'s' if len(bad_steps) != 1 else ''} skipped"
         )
+    if held_out:
+        summary_parts.append(f"held-out {_short(held_out[-1][1])} at step {int(held_out[-1][0])}")
 
     # ---- scales and ticks -------------------------------------------------------------------------
     if finite:
-        lo = min(v for _, v in finite)
-        hi = max(v for _, v in finite)
+        lo = min([v for _, v in finite] + [v for _, v in held_out])
+        hi = max([v for _, v in finite] + [v for _, v in held_out])
         span = hi - lo
         nonnegative = lo >= 0
         if span <= 1e-12 * max(1.0, abs(hi)):  # flat: pad around the value
@@ -216,9 +223,10 @@ def render_loss_plot(
     else:
         y_lo, y_hi, y_ticks, y_labels = 0.0, 1.0, [], []
 
+    first = min([1.0] + [st for st, _ in held_out])  # a held-out value before the first step: step 0
     if n >= 2:
-        x_lo, x_hi = 1.0, float(n)
-        x_ticks, _ = nice_ticks(1.0, float(n), target=max(3, min(10, width // 95)), integer=True)
+        x_lo, x_hi = first, float(n)
+        x_ticks, _ = nice_ticks(first, float(n), target=max(3, min(10, width // 95)), integer=True)
         pad = 0.015 * (n - 1)
         x_lo, x_hi = x_lo - pad, x_hi + pad
     elif n == 1:
@@ -328,6 +336,13 @@ def render_loss_plot(
     for step in bad_steps:
         x = px(step)
         d.line([(x, bottom - 8 * s), (x, bottom - 1)], fill=_BAD, width=max(1, round(1.5 * s)))
+    if held_out:
+        points = [(px(st), py(v)) for st, v in held_out]
+        if len(points) > 1:
+            d.line(points, fill=_HELD_OUT, width=max(1, round(1.6 * s)))
+        for x, y in points:
+            r = 3.2 * s
+            d.ellipse([x - r, y - r, x + r, y + r], fill=_HELD_OUT)
 
     # ---- legend (in the emptiest corner) -----------------------------------------------------
     entries = [("line", _RAW, "loss per step")]
@@ -340,6 +355,8 @@ def render_loss_plot(
         entries.append(("dot", _FINAL, "final (= minimum)"))
     if bad_steps:
         entries.append(("tick", _BAD, "non-finite (skipped)"))
+    if held_out:
+        entries.append(("dot", _HELD_OUT, "held-out loss"))
     line_h = 18 * u
     swatch = 24 * u
     text_w = max(cv.text_size(label, small_font)[0] for _, _, label in entries)

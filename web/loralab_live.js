@@ -8,7 +8,8 @@
 //
 // With Preview Settings connected, the pack's `loralab.preview` event (nodes/preview.py) names each
 // preview image as it is saved; the panel shows the latest ones in a strip under the curve, each with
-// its step, and keeps them after the run.
+// its step, and keeps them after the run. With a Validation Set, the held-out loss the events carry
+// (`validation`: [step, loss] pairs) is a dashed line on the same scale.
 //
 // The panel is a DOM widget that is neither saved in the workflow (widgets_values) nor sent with
 // the prompt. Without this file nothing changes for the server or for HTTP API clients, and an
@@ -63,6 +64,7 @@ function newRun(nodeId, promptId, firstStep) {
     elapsed: null,
     status: "running", // running | done | stopped | error
     previews: [], // [{step, url}] in arrival order
+    validation: [], // [[step, held-out loss]] (Validation Set)
   };
 }
 
@@ -121,6 +123,9 @@ function updateRun(detail) {
   run.stepsPerS = finite(detail.steps_per_s) ? detail.steps_per_s : run.stepsPerS;
   run.elapsed = finite(detail.elapsed) ? detail.elapsed : run.elapsed;
   run.status = step >= run.total ? "done" : "running";
+  for (const pair of Array.isArray(detail.validation) ? detail.validation : []) {
+    if (Array.isArray(pair) && finite(pair[1])) run.validation.push([toInt(pair[0], 0), pair[1]]);
+  }
   return run;
 }
 
@@ -206,6 +211,7 @@ const STYLE = `
 .loralab-live-plot .loralab-grid { stroke: var(--border-color, #444); stroke-width: 1; }
 .loralab-live-plot .loralab-raw { fill: none; stroke: #6fa8dc; stroke-opacity: 0.6; stroke-width: 1; }
 .loralab-live-plot .loralab-smooth { fill: none; stroke: #f6b26b; stroke-width: 2; }
+.loralab-live-plot .loralab-val { fill: none; stroke: #b48ee0; stroke-width: 2; stroke-dasharray: 6 4; }
 .loralab-live-axis { position: absolute; left: 3px; font-size: 10px; opacity: 0.75; }
 .loralab-live-ymax { top: 1px; }
 .loralab-live-ymin { bottom: 1px; }
@@ -272,7 +278,8 @@ function buildElement() {
     points: "",
     "vector-effect": "non-scaling-stroke",
   });
-  svg.append(raw, smoothed);
+  const held = svgEl("polyline", { class: "loralab-val", points: "", "vector-effect": "non-scaling-stroke" });
+  svg.append(raw, smoothed, held);
   const ymax = el("span", "loralab-live-axis loralab-live-ymax", "");
   const ymin = el("span", "loralab-live-axis loralab-live-ymin", "");
   const xmax = el("span", "loralab-live-axis loralab-live-xmax", "");
@@ -287,7 +294,7 @@ function buildElement() {
   const strip = el("div", "loralab-live-strip");
 
   root.append(head, plot, foot, strip);
-  return { root, status, steps, rate, eta, raw, smoothed, ymax, ymin, xmax, loss, lr, strip };
+  return { root, status, steps, rate, eta, raw, smoothed, held, ymax, ymin, xmax, loss, lr, strip };
 }
 
 function isTrainNode(node) {
@@ -367,7 +374,8 @@ function render(view) {
   const sm = smooth(values);
   const rawPts = bucket(values, MAX_POINTS);
   const smPts = bucket(sm, MAX_POINTS);
-  const ys = rawPts.map((p) => p[1]).concat(smPts.map((p) => p[1]));
+  const valPts = (run.validation ?? []).map(([step, v]) => [Math.max(0, step - run.base), v]);
+  const ys = rawPts.map((p) => p[1]).concat(smPts.map((p) => p[1]), valPts.map((p) => p[1]));
   let lo = Math.min(...ys);
   let hi = Math.max(...ys);
   if (!ys.length) {
@@ -387,6 +395,8 @@ function render(view) {
   ];
   view.raw.setAttribute("points", points(rawPts.map(toXY)));
   view.smoothed.setAttribute("points", points(smPts.map(toXY)));
+  view.held.setAttribute("points", points(valPts.map(toXY)));
+  root.dataset.validation = String(valPts.length);
   view.ymax.textContent = ys.length ? formatLoss(hi) : "";
   view.ymin.textContent = ys.length ? formatLoss(lo) : "";
   view.xmax.textContent = `step ${run.total}`;
@@ -394,7 +404,9 @@ function render(view) {
   const lastSmooth = [...sm].reverse().find((v) => v != null);
   const finite_ = values.filter((v) => v != null);
   const best = finite_.length ? Math.min(...finite_) : NaN;
-  view.loss.textContent = `loss ${formatLoss(run.loss)}  smoothed ${formatLoss(lastSmooth)}  min ${formatLoss(best)}`;
+  const lastHeld = valPts.length ? valPts[valPts.length - 1][1] : null;
+  view.loss.textContent = `loss ${formatLoss(run.loss)}  smoothed ${formatLoss(lastSmooth)}  min ${formatLoss(best)}` +
+    (lastHeld == null ? "" : `  held-out ${formatLoss(lastHeld)}`);
   view.lr.textContent = finite(run.lr) ? `lr ${run.lr.toExponential(1)}` : "";
   renderStrip(view, run);
 }

@@ -403,3 +403,25 @@ def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
     assert [s for s, _, _ in shown] == expected, shown
     assert all(width == 16 and height > 40 for _, width, height in shown), shown  # 16x16 latent-to-RGB, drawn large
     ui.assert_no_errors("training with previews")
+
+
+def test_held_out_loss_is_drawn_on_the_live_curve(ui):
+    """`validation` pairs of the progress events (Validation Set) become a dashed line on the curve's
+    scale and the footer's held-out value."""
+    ensure_open(ui)
+    workflow = json.loads((ROOT / "example_workflows" / f"{TEMPLATE}.json").read_text())
+    ui.load_graph(workflow, "held-out")
+    ui.page.wait_for_function(f"app.graph.nodes.length === {len(workflow['nodes'])}")
+    train = next(n["id"] for n in ui.graph_nodes() if n["type"] == TRAIN)
+    base = {"prompt_id": "held", "node": train, "total": 4, "lr": 1e-3, "steps_per_s": 2.0, "elapsed": 1.0}
+    send_ws(ui, {"type": "loralab.progress", "data": {**base, "step": 2, "loss": 0.5, "first_step": 1,
+                                                      "losses": [0.6, 0.5], "validation": [[0, 0.7], [2, 0.55]]}})
+    send_ws(ui, {"type": "loralab.progress", "data": {**base, "step": 4, "loss": 0.4, "first_step": 3,
+                                                      "losses": [0.45, 0.4], "validation": [[4, 0.42]]}})
+    ui.page.wait_for_function("document.querySelector('.loralab-live')?.dataset.validation === '3'")
+    state = ui.page.evaluate(VIEW_STATE)
+    assert "held-out 0.4200" in state["text"], state["text"]
+    held = ui.page.evaluate("document.querySelector('.loralab-val').getAttribute('points').trim().split(/\\s+/).length")
+    assert held == 3
+    ui.screenshot("held_out_loss.png")
+    ui.assert_no_errors("held-out loss events")

@@ -85,3 +85,28 @@ def test_interrupt_during_a_preview_stops_within_a_sampling_step_and_writes_noth
 
     g2, _, save2 = _graph(False, "after_interrupt")
     run_ok(comfy, g2.prompt, timeout=300)
+
+
+def test_held_out_loss_reaches_the_events_and_equals_denoise_loss_of_the_result(comfy_server):
+    """Validation Set -> Training Options: the progress events carry the held-out loss at steps 0, 2 and
+    4; the last one is what Denoising Loss measures on model_with_lora with the same set, seed and
+    levels; Plot Loss draws the LOSS_MAP with it."""
+    import math
+
+    from tests.e2e.graphs import LOSS_OUT, MODEL_OUT, denoise_value, loralab_progress
+
+    g = Graph()
+    tiny = g.add(TINY, family="sd15", weight_dtype="default", seed=0, count=2)
+    held = g.add(TINY, family="sd15", weight_dtype="default", seed=5, count=2)  # same model, other data
+    validation = g.add("LoraLab_ValidationSet", latents=held[1], positive=held[2], every_n_steps=2, seed=3, levels=4)
+    options = g.training_options(checkpoint_prefix=f"{DIR}/ck")
+    g.prompt[options.id]["inputs"]["validation"] = validation[0]
+    trainer = g.train_with_options(tiny[0], tiny[1], tiny[2], options, steps=4, rank=4, learning_rate=0.01,
+                                   training_dtype="fp32", lora_dtype="fp32")  # fmt: skip
+    after = g.add("LoraLab_DenoiseLoss", model=trainer[MODEL_OUT], latents=held[1], positive=held[2], seed=3, levels=4)
+    plot = g.plot_loss(trainer[LOSS_OUT], f"{DIR}/loss")
+    result = run_ok(comfy_server.client, g.prompt, timeout=300)
+    pairs = [pair for e in loralab_progress(result, trainer) for pair in e.get("validation", [])]
+    assert [step for step, _ in pairs] == [0, 2, 4] and all(math.isfinite(v) for _, v in pairs), pairs
+    assert pairs[-1][1] == pytest.approx(denoise_value(result, after), rel=1e-5)
+    assert result.outputs[plot.id]["images"]

@@ -150,3 +150,26 @@ def test_save_sample_png():
         render_loss_plot(CASES[name], title=f"Training loss ({name})").save(
             ARTIFACTS / f"loss_plot_{name}.png"
         )
+
+
+def test_held_out_loss_is_drawn_in_its_own_colour_from_step_0():
+    import numpy as np
+
+    from training.plotting import _HELD_OUT, render_loss_plot
+
+    losses = [1.0 - 0.01 * i for i in range(40)]
+    held_out = [(0, 1.2), (20, 0.9), (40, 0.8)]
+
+    def colour_pixels(img) -> np.ndarray:
+        a = np.asarray(img.convert("RGB")).astype(int)
+        return np.argwhere(np.abs(a - np.array(_HELD_OUT)).sum(axis=2) < 30)
+
+    plain = colour_pixels(render_loss_plot(losses))
+    drawn = colour_pixels(render_loss_plot(losses, validation=held_out))
+    assert len(plain) == 0 and len(drawn) > 100
+    # the step-0 point lies left of the loss curve's first point (step 1), inside the plot
+    from training.plotting import _RAW
+
+    a = np.asarray(render_loss_plot(losses, validation=held_out).convert("RGB")).astype(int)
+    raw = np.argwhere(np.abs(a - np.array(_RAW)).sum(axis=2) < 30)
+    assert drawn[:, 1].min() + 10 < raw[:, 1].min()
