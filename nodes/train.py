@@ -52,7 +52,14 @@ from ..training.lorafile import (
     prefix_location,
     read_lora_file,
 )
-from ..training.memory_plan import MIB, Fit, check_fit, module_bytes, profile_activations
+from ..training.memory_plan import (
+    MIB,
+    Fit,
+    check_fit,
+    module_bytes,
+    optimizer_state_values,
+    profile_activations,
+)
 from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
@@ -300,7 +307,7 @@ def _memory_fit(patcher, diffusion, adapters: AdapterSet, samples, config: Train
     fp8_savings = sum(w.numel() * (w.element_size() - 1) for w in linears if w.element_size() > 1)
     return check_fit(module_bytes(diffusion), sum(p.numel() for p in params), config.optimizer, profile,
                      config.batch_size, config.gradient_checkpointing and not in_place, available, where,
-                     fp8_savings, config.training_dtype)  # fmt: skip
+                     fp8_savings, config.training_dtype, optimizer_state_values(config.optimizer, [p.shape for p in params]))  # fmt: skip
 
 
 def _over_budget(fit: Fit, config: TrainConfig) -> MemoryError:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Optimizer state per trainable value, in fp32 values. pytorch-optimizer's Adafactor and CAME keep a
-# first moment plus factored (row + column) second moments: ~1 for the LoRA factors' shapes.
+# Optimizer state per trainable value, in fp32 values, where it is not counted (optimizer_state_values):
+# pytorch-optimizer's Adafactor and CAME keep a first moment plus factored (row + column) second
+# moments, 1.06-2.6 depending on the shapes; AdamW8bit two 8-bit moments.
 OPTIMIZER_STATE = {"AdamW": 2.0, "Adam": 2.0, "SGD": 1.0, "RMSprop": 1.0, "Prodigy": 4.0, "Adafactor": 1.1,
                    "CAME": 1.2, "Lion": 1.0, "AdamW8bit": 0.5}  # fmt: skip
 
@@ -78,14 +79,41 @@ class MemoryPlan:
                 "optimizer": self.optimizer, "activations": self.activations, "added": self.added}  # fmt: skip
 
 
+def optimizer_state_values(name: str, shapes: Iterable[Sequence[int]]) -> int | None:
+    """fp32 values the optimizer keeps for parameters of these shapes, counted: one step on one zero
+    parameter of each distinct shape (on CPU, a few per run: LoRA factors repeat their shapes).
+    None where it cannot be counted on CPU (AdamW8bit) or the optimizer refuses (the factor table
+    then stands in)."""
+    if name == "AdamW8bit":
+        return None
+    from .factory import make_optimizer
+
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    total = 0
+    try:
+        for shape, n in counts.items():
+            param = torch.nn.Parameter(torch.zeros(shape))
+            param.grad = torch.full(shape, 1e-3)
+            opt = make_optimizer(name, [param], 1e-3)
+            opt.step()
+            total += n * sum(v.numel() for v in opt.state[param].values() if torch.is_tensor(v) and v.numel() > 1)
+    except Exception:
+        return None
+    return total
+
+
 def plan(
-    weights: int, trainable_values: int, optimizer: str, profile: ActivationProfile, batch: int, checkpointing: bool
-) -> MemoryPlan:
-    """The plan for one set of settings (trainable_values: number of adapter parameters)."""
+    weights: int, trainable_values: int, optimizer: str, profile: ActivationProfile, batch: int, checkpointing: bool,
+    optimizer_values: int | None = None,
+) -> MemoryPlan:  # fmt: skip
+    """The plan for one set of settings (trainable_values: number of adapter parameters;
+    optimizer_values: the optimizer's state as counted by optimizer_state_values, else the table's)."""
     trainable = 4 * trainable_values
+    state = 4 * optimizer_values if optimizer_values is not None else int(OPTIMIZER_STATE.get(optimizer, 2.0) * trainable)
     return MemoryPlan(
-        weights=weights, trainable=trainable, gradients=trainable,
-        optimizer=int(OPTIMIZER_STATE.get(optimizer, 2.0) * trainable),
+        weights=weights, trainable=trainable, gradients=trainable, optimizer=state,
         activations=profile.for_run(batch, checkpointing),
     )  # fmt: skip
 
@@ -177,14 +205,14 @@ class Fit:
 
 def check_fit(
     weights: int, trainable_values: int, optimizer: str, profile: ActivationProfile, batch: int, checkpointing: bool,
-    available: int, where: str, fp8_savings: int = 0, training_dtype: str = "bf16",
+    available: int, where: str, fp8_savings: int = 0, training_dtype: str = "bf16", optimizer_values: int | None = None,
 ) -> Fit:  # fmt: skip
     """The plan for the run's settings against `available` bytes, and the changes that would fit, cheapest
     first: gradient checkpointing on, a smaller batch, bf16 instead of fp32 activations (about half),
     an fp8 base (fp8_savings: bytes its weights would free on this device)."""
 
     def make(b: int = batch, ckpt: bool = checkpointing) -> MemoryPlan:
-        return plan(weights, trainable_values, optimizer, profile, b, ckpt)
+        return plan(weights, trainable_values, optimizer, profile, b, ckpt, optimizer_values)
 
     fit = Fit(make(), available, where)
     if fit.fits:

@@ -120,3 +120,23 @@ def test_optimizer_factor_matches_the_state_the_optimizer_keeps(name):
     opt.step()
     state = sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1)
     assert state == OPTIMIZER_STATE[name] * sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Prodigy", "Adafactor", "CAME", "Lion"])
+def test_optimizer_state_is_counted_per_shape_as_the_optimizer_keeps_it(name):
+    """Counted on one parameter per distinct shape, it equals what the optimizer keeps for all of them
+    (factored optimizers depend on the shapes: a conv LoRA factor is not a linear one)."""
+    from training.config import OPTIMIZER_NAMES
+    from training.factory import make_optimizer
+    from training.memory_plan import optimizer_state_values
+
+    if name not in OPTIMIZER_NAMES:
+        pytest.skip(f"{name}: its library is not installed")
+    shapes = [(16, 320), (320, 16), (16, 320), (8, 320, 3, 3), (320, 8, 1, 1)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = make_optimizer(name, params, 1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kept = sum(v.numel() for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.numel() > 1)
+    assert optimizer_state_values(name, shapes) == kept > 0
