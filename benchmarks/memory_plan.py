@@ -32,11 +32,16 @@ CASES = [  # (arch, depth, latent side, batch, gradient checkpointing)
 MIB = 2**20
 
 
+def memory_events(prof) -> list:
+    """The CPU allocator's allocation (+bytes) and free (-bytes) records of a profile, in time order;
+    kineto events (start_ns(), nbytes())."""
+    return sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+
+
 def peak_allocated(prof) -> int:
     """Largest running sum of the CPU allocator's allocations minus frees, over the profiled span."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     live = peak = 0
-    for e in events:
+    for e in memory_events(prof):
         live += e.nbytes()
         peak = max(peak, live)
     return peak

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+from memory_plan import memory_events  # this folder
 from profile_train import ROOT, load_pack
 
 MIB = 2**20
@@ -80,10 +81,8 @@ def main() -> None:
                 total = time.perf_counter() - t0
             seconds = [(end - start) / 1e9 for start, end in spans]
             live = train_peak = preview_peak = 0
-            kineto = prof.profiler.kineto_results.events()
-            marks = [(e.start_ns(), e.end_ns()) for e in kineto if e.name() == "loralab_preview"]
-            events = sorted((e for e in kineto if e.name() == "[memory]"), key=lambda e: e.start_ns())
-            for e in events:
+            marks = [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events() if e.name() == "loralab_preview"]
+            for e in memory_events(prof):
                 live += e.nbytes()
                 inside = any(start <= e.start_ns() <= end for start, end in marks)
                 if inside:

@@ -221,6 +221,7 @@ SUFFIX_ALIASES = {
 def normalize_file_keys(
     sd: Mapping[str, torch.Tensor], names: Mapping[str, str],
     alpha: Callable[[str], float | None] | None = None, prefix: str = "diffusion_model.",
+    parts: Mapping[str, tuple[str, tuple[int, int], int]] | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A LoRA file in any naming the model's loader maps -> our "<prefix><path>.<suffix>" keys.
 
@@ -228,8 +229,10 @@ def normalize_file_keys(
     "transformer." names, LyCORIS "lycoris_" names: the loader's own key map for this model).
     Factor spellings of other tools (SUFFIX_ALIASES) become ours; alpha: file stem -> the scale
     numerator of a file that keeps it outside the tensors (peft's lora_adapter_metadata), added to
-    layers without an alpha key. Keys that map to no whole layer (other models, split projections of a
-    fused layer) stay as they are."""
+    layers without an alpha key. parts: names of parts of a fused layer, merged into one LoRA of it
+    first (merge_split_layers). Keys that map to no layer (other models) stay as they are."""
+    if parts:
+        sd = merge_split_layers(sd, parts, alpha, prefix)
     suffixes = sorted({*ADAPTER_SUFFIXES, *SUFFIX_ALIASES}, key=len, reverse=True)
     out: dict[str, torch.Tensor] = {}
     factored: dict[str, str] = {}  # our stem of a layer with lora_down / lora_up -> its stem in the file

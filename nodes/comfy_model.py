@@ -126,15 +126,32 @@ def _owned(value):
     return value
 
 
-def _key_map(patcher) -> dict:
-    """ComfyUI's LoRA key map for this model (file stem -> weight key, or (key, slice) for a part of a
-    fused weight); empty on a ComfyUI without it (feature-detected)."""
+def key_targets(patcher) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """ComfyUI's LoRA key map for this model, read once: (file stem, module path relative to the
+    diffusion model, the rows of the layer's output the name covers, None for all of them) for every
+    name that addresses a weight of the diffusion model, whole or as a part of a fused weight; empty on
+    a ComfyUI without the map (feature-detected). The naming functions below take it, so a caller
+    that needs several of them builds the map once."""
     try:
         import comfy.lora
 
-        return comfy.lora.model_lora_keys_unet(patcher.model, {})
+        key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     except (ImportError, AttributeError):
-        return {}
+        return []
+    prefix, suffix = "diffusion_model.", ".weight"
+    out = []
+    for stem, target in key_map.items():
+        if isinstance(target, str):
+            key, rows = target, None
+        elif (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
+              and isinstance(target[1], tuple) and len(target[1]) == 3 and target[1][0] == 0):  # fmt: skip
+            key, (_, offset, size) = target
+            rows = (int(offset), int(offset) + int(size))
+        else:  # a part along another dimension, or through a function: not a LoRA of ours
+            continue
+        if key.startswith(prefix) and key.endswith(suffix):
+            out.append((stem, key[len(prefix) : -len(suffix)], rows))
+    return out
 
 
 def _unet_diffusers_paths(patcher) -> dict[str, list[str]]:
@@ -163,19 +180,16 @@ def _unet_diffusers_paths(patcher) -> dict[str, list[str]]:
     return out
 
 
-def lora_key_names(patcher) -> dict[str, str]:
+def lora_key_names(patcher, keys: list | None = None) -> dict[str, str]:
     """File stem -> module path (relative to the diffusion model) for every LoRA naming ComfyUI's own
     loader maps onto this model (its key map: kohya names of both SD namings, diffusers / peft
     "unet." / "transformer.", LyCORIS "lycoris_", ...), plus the attention names diffusers and peft
     write today for UNets ("unet.<...>.attn1.to_q"; ComfyUI's map has only the old
     "attn1.processor.to_q"). Names that address a slice of a fused layer (diffusers' separate q / k / v
-    of Flux's qkv) are left out: they cannot become one adapter."""
-    prefix, suffix = "diffusion_model.", ".weight"
-    out = {
-        stem: target[len(prefix) : -len(suffix)]
-        for stem, target in _key_map(patcher).items()
-        if isinstance(target, str) and target.startswith(prefix) and target.endswith(suffix)
-    }
+    of Flux's qkv) are left out: they cannot become one adapter (see lora_split_names).
+    keys: key_targets(patcher), when the caller has it."""
+    keys = key_targets(patcher) if keys is None else keys
+    out = {stem: path for stem, path, rows in keys if rows is None}
     for path, names in _unet_diffusers_paths(patcher).items():
         for theirs in names:
             out.setdefault(theirs, path)
@@ -183,57 +197,42 @@ def lora_key_names(patcher) -> dict[str, str]:
     return out
 
 
-def lora_split_names(patcher) -> dict[str, tuple[str, tuple[int, int], int]]:
+def lora_split_names(patcher, keys: list | None = None) -> dict[str, tuple[str, tuple[int, int], int]]:
     """File stem -> (module path, its rows of the layer's output, the layer's output size) for the names
     ComfyUI's key map gives as a part of a fused layer (diffusers' / OneTrainer's / SimpleTuner's
-    separate q / k / v / mlp of Flux's fused projections); see lora.inject.merge_split_layers."""
-    prefix, suffix = "diffusion_model.", ".weight"
+    separate q / k / v / mlp of Flux's fused projections); see lora.inject.merge_split_layers.
+    keys: key_targets(patcher), when the caller has it."""
+    keys = key_targets(patcher) if keys is None else keys
     diffusion = patcher.model.diffusion_model
     out: dict[str, tuple[str, tuple[int, int], int]] = {}
-    for stem, target in _key_map(patcher).items():
-        if not (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
-                and isinstance(target[1], tuple) and len(target[1]) == 3 and target[1][0] == 0):  # fmt: skip
+    for stem, path, rows in keys:
+        if rows is None:
             continue
-        key, (_, offset, size) = target
-        if not (key.startswith(prefix) and key.endswith(suffix)):
-            continue
-        path = key[len(prefix) : -len(suffix)]
         try:
             weight = diffusion.get_submodule(path).weight
         except AttributeError:
             continue
-        out[stem] = (path, (int(offset), int(offset) + int(size)), int(weight.shape[0]))
+        out[stem] = (path, rows, int(weight.shape[0]))
     return out
 
 
-def diffusers_names(patcher, targets: Mapping[str, tuple]) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+def diffusers_names(
+    patcher, targets: Mapping[str, tuple], keys: list | None = None
+) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
     """Module path -> the peft / diffusers module names a diffusers-format file uses for it, each with
     the rows of the layer's output it covers (None: all of them). UNets: "unet." + diffusers' module
     path. Other models: ComfyUI's "transformer." names for the layer, and where diffusers splits a fused
     layer (Flux's qkv, single blocks' linear1), its parts when they cover the output exactly. Layers
     with no such name are left out (the writer keeps "diffusion_model.<path>" for them).
-    targets: path -> (weight shape, conv spec)."""
+    targets: path -> (weight shape, conv spec); keys: key_targets(patcher), when the caller has it."""
     unet = _unet_diffusers_paths(patcher)
     if unet:
         return {p: [("unet." + unet[p][0], None)] for p in targets if p in unet}
-    prefix, suffix = "diffusion_model.", ".weight"
+    keys = key_targets(patcher) if keys is None else keys
     whole: dict[str, str] = {}
     parts: dict[str, list[tuple[str, tuple[int, int]]]] = {}
-    for stem, target in _key_map(patcher).items():
-        if not stem.startswith("transformer."):
-            continue
-        if isinstance(target, str):
-            key, rows = target, None
-        elif (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
-              and isinstance(target[1], tuple) and len(target[1]) == 3 and target[1][0] == 0):  # fmt: skip
-            key, (_, offset, size) = target
-            rows = (int(offset), int(offset) + int(size))
-        else:
-            continue
-        if not (key.startswith(prefix) and key.endswith(suffix)):
-            continue
-        path = key[len(prefix) : -len(suffix)]
-        if path not in targets:
+    for stem, path, rows in keys:
+        if not stem.startswith("transformer.") or path not in targets:
             continue
         if rows is None:
             whole.setdefault(path, stem)

@@ -23,15 +23,23 @@ are throttled, the losses and learning rates of all steps since the previous mes
     }
 
 A loss that is not finite is sent as ``null`` (JSON has no NaN / Infinity).
+
+``loralab.preview`` is sent once per preview (Preview Settings), naming its saved images as ComfyUI's
+``/view`` takes them::
+
+    {"node": "3", "prompt_id": "...", "step": 50,
+     "images": [{"filename": "step_50_0.png", "subfolder": "loralab/previews", "type": "output"}]}
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 PROGRESS_EVENT = "loralab.progress"
+PREVIEW_EVENT = "loralab.preview"
 _MIN_INTERVAL_S = 0.1  # at most ~10 messages a second, but always the last step
 
 
@@ -59,12 +67,27 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
-def send_progress(node_id, info, memory: dict | None = None, validation: list | None = None) -> None:
+def _server():
+    """ComfyUI's PromptServer, or None outside a server."""
     try:
         from server import PromptServer
     except ImportError:  # not inside a ComfyUI server
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_preview(node_id, step: int, names: list[str]) -> None:
+    """A loralab.preview event for images saved in the output folder (names relative to it)."""
+    server = _server()
+    if server is None:
         return
-    server = getattr(PromptServer, "instance", None)
+    images = [{"filename": os.path.basename(n), "subfolder": os.path.dirname(n), "type": "output"} for n in names]
+    payload = {"node": node_id, "prompt_id": getattr(server, "last_prompt_id", None), "step": step, "images": images}
+    server.send_sync(PREVIEW_EVENT, payload, server.client_id)
+
+
+def send_progress(node_id, info, memory: dict | None = None, validation: list | None = None) -> None:
+    server = _server()
     if server is None:
         return
     prompt_id = getattr(server, "last_prompt_id", None)

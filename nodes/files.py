@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 from PIL.PngImagePlugin import PngInfo
 
-from ..lora.inject import KEY_FORMATS, convert_key_format, merge_split_layers, normalize_file_keys
+from ..lora.inject import KEY_FORMATS, convert_key_format, normalize_file_keys
 from ..training.lorafile import (
     LORA_SUFFIX,
     LoraStateDict,
@@ -45,7 +45,7 @@ _PREFIX_HELP = (
 )
 
 
-def _check_prefix(filename_prefix) -> bool | str:
+def check_prefix(filename_prefix) -> bool | str:
     """validate_inputs helper: a bad prefix fails when the prompt is queued, not after training."""
     if not isinstance(filename_prefix, str):  # linked from another node: checked when it runs
         return True
@@ -53,6 +53,23 @@ def _check_prefix(filename_prefix) -> bool | str:
         safe_prefix(filename_prefix)
     except ValueError as exc:
         return str(exc)
+    return True
+
+
+def write_new_png(img, target: Path, pnginfo: PngInfo | None) -> bool:
+    """img as a PNG at target, created exclusively (never overwriting): False when the name is taken.
+    A write that fails leaves nothing behind."""
+    try:
+        with open(target, "xb") as f:
+            try:
+                img.save(f, format="PNG", pnginfo=pnginfo, compress_level=4)
+            except BaseException:
+                f.close()
+                with contextlib.suppress(OSError):
+                    target.unlink()
+                raise
+    except FileExistsError:
+        return False
     return True
 
 
@@ -129,7 +146,7 @@ class LoraLab_SaveLora(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None) -> bool | str:
-        return _check_prefix(filename_prefix)
+        return check_prefix(filename_prefix)
 
     @classmethod
     def execute(cls, lora, filename_prefix: str, steps: int | None = None, key_format: str = "comfyui",
@@ -271,7 +288,7 @@ class LoraLab_PlotLoss(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None) -> bool | str:
-        return _check_prefix(filename_prefix)
+        return check_prefix(filename_prefix)
 
     @classmethod
     def execute(cls, loss, filename_prefix: str) -> io.NodeOutput:
@@ -294,22 +311,14 @@ class LoraLab_PlotLoss(io.ComfyNode):
             name = f"{stem}_{counter:05}_.png"
             target = Path(full_folder) / name
             try:
-                with open(target, "xb") as f:  # never overwrite
-                    try:
-                        img.save(f, format="PNG", pnginfo=pnginfo, compress_level=4)
-                    except BaseException:
-                        f.close()
-                        with contextlib.suppress(OSError):
-                            target.unlink()
-                        raise
-                break
-            except FileExistsError:
-                counter += 1
+                if write_new_png(img, target, pnginfo):
+                    break
             except OSError as exc:
                 raise OSError(
                     f"Plot Loss: could not write {target}: {exc.strerror or exc}; check that the output folder "
                     "is writable and has free space"
                 ) from exc
+            counter += 1
 
         arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
         image = torch.from_numpy(arr)[None]  # [1, H, W, 3]
@@ -380,24 +389,26 @@ def for_model(model, lora: Mapping) -> LoraStateDict:
     from ..lora.inject import find_targets, group_file_keys
     from . import comfy_model as cm
 
-    tensors = model_keys(model, lora)
+    keys = cm.key_targets(model)
+    tensors = model_keys(model, lora, keys)
     layers = find_targets(model.model.diffusion_model)
     groups, _ = group_file_keys(tensors, layers)
     targets = {p: layers[p] for p in groups}
-    names = {"kohya": cm.kohya_names(model, targets, cm.lora_key_names(model)),
-             "diffusers": cm.diffusers_names(model, targets)}  # fmt: skip
+    names = {"kohya": cm.kohya_names(model, targets, cm.lora_key_names(model, keys)),
+             "diffusers": cm.diffusers_names(model, targets, keys)}  # fmt: skip
     return LoraStateDict(tensors, metadata=getattr(lora, "metadata", None), file_names=names)
 
 
-def model_keys(model, lora: Mapping) -> dict:
+def model_keys(model, lora: Mapping, keys: list | None = None) -> dict:
     """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
     a peft file's metadata on its layers; parts of a fused layer become one LoRA of it. Keys that map to
-    no layer stay as they are (ComfyUI's loader still applies what it knows)."""
+    no layer stay as they are (ComfyUI's loader still applies what it knows). keys: the model's
+    comfy_model.key_targets, when the caller has it."""
     from . import comfy_model as cm
 
-    alphas = peft_alphas(getattr(lora, "metadata", None))
-    merged = merge_split_layers(lora, cm.lora_split_names(model), alphas)
-    return normalize_file_keys(merged, cm.lora_key_names(model), alphas)
+    keys = cm.key_targets(model) if keys is None else keys
+    return normalize_file_keys(lora, cm.lora_key_names(model, keys), peft_alphas(getattr(lora, "metadata", None)),
+                               parts=cm.lora_split_names(model, keys))  # fmt: skip
 
 
 NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_ApplyLora, LoraLab_PlotLoss]

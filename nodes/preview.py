@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -41,11 +40,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..training.lorafile import safe_prefix
+from .events import send_preview
+from .files import check_prefix, write_new_png
 
 log = logging.getLogger("loralab")
 
 PREVIEW_TYPE = "LORALAB_PREVIEW"
-PREVIEW_EVENT = "loralab.preview"
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,7 @@ class LoraLab_PreviewSettings(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None) -> bool | str:
-        if not isinstance(filename_prefix, str):
-            return True
-        try:
-            safe_prefix(filename_prefix)
-        except ValueError as exc:
-            return str(exc)
-        return True
+        return check_prefix(filename_prefix)
 
     @classmethod
     def execute(cls, positive, every_n_steps, seed, steps, cfg, sampler_name, scheduler, width, height, lora_strength,
@@ -223,18 +217,8 @@ class Previewer:
             info.add_text("prompt", json.dumps(self.prompt))
         for n in range(10_000):
             name = f"step_{step}_{index}.png" if n == 0 else f"step_{step}_{index}_{n}.png"
-            target = folder / name
-            try:
-                with open(target, "xb") as f:
-                    try:
-                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
-                    except BaseException:
-                        f.close()
-                        target.unlink(missing_ok=True)
-                        raise
-            except FileExistsError:
-                continue
-            return f"{prefix}/{name}"
+            if write_new_png(img, folder / name, info):
+                return f"{prefix}/{name}"
         raise FileExistsError(f"Preview Settings: no free file name for step {step} in {folder}")
 
     def _announce(self, step: int, names: list[str], first: Image.Image | None) -> None:
@@ -244,16 +228,7 @@ class Previewer:
                 self.show(first)
             except Exception:  # the image on the node is a convenience; the file and the event are there
                 log.debug("LoRA Lab: could not show the preview on the node", exc_info=True)
-        try:
-            from server import PromptServer
-        except ImportError:  # not inside a ComfyUI server
-            return
-        server = getattr(PromptServer, "instance", None)
-        if server is None:
-            return
-        files = [{"filename": os.path.basename(n), "subfolder": os.path.dirname(n), "type": "output"} for n in names]
-        server.send_sync(PREVIEW_EVENT, {"node": self.node_id, "prompt_id": getattr(server, "last_prompt_id", None),
-                                         "step": step, "images": files}, server.client_id)  # fmt: skip
+        send_preview(self.node_id, step, names)
 
 
 NODES: list[type[io.ComfyNode]] = [LoraLab_PreviewSettings]

@@ -25,7 +25,6 @@ from ..lora.inject import (
     find_targets,
     frozen,
     group_file_keys,
-    merge_split_layers,
     normalize_file_keys,
     target_excludes,
     target_patterns,
@@ -157,8 +156,9 @@ def train(
     patcher = model.clone()
     with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
         family = type(patcher.model.model_config).__name__
-        key_names = cm.lora_key_names(patcher)  # every LoRA naming ComfyUI maps onto this model
-        start = (_Start.read(existing, config, key_names, cm.lora_split_names(patcher))
+        keys = cm.key_targets(patcher)  # ComfyUI's LoRA key map, read once
+        key_names = cm.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
+        start = (_Start.read(existing, config, key_names, cm.lora_split_names(patcher, keys))
                  if existing and existing != NO_LORA else _Start())  # fmt: skip
         config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
@@ -179,14 +179,15 @@ def train(
             log.warning("LoRA Lab: this %s model's code writes in place into tensors it already used (%s); "
                         "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
-        fit = _memory_fit(patcher, diffusion, adapters, samples, config, device, bool(in_place))
+        predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
+        fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place))
         log.info("LoRA Lab: memory plan: %s; %s has %d MiB free for it", fit.plan.describe(), fit.where, fit.available // MIB)
         if not fit.fits:
-            raise _over_budget(fit, config)
+            raise _over_budget(fit)
         writer = _Writer(adapters, carried, config, family, len(samples),
                          loras_folder, checkpoint_prefix,
                          {"kohya": cm.kohya_names(patcher, targets, key_names),
-                          "diffusers": cm.diffusers_names(patcher, targets)},
+                          "diffusers": cm.diffusers_names(patcher, targets, keys)},
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id, {**fit.plan.as_dict(), "available": fit.available})
@@ -197,7 +198,7 @@ def train(
             lora = writer.lora(step, loss)
             with adapters.paused(diffusion) if running else contextlib.nullcontext():
                 previewer.render(step, lora)
-            _reload(patcher)
+            _load(patcher)
 
         if previewer is not None:
             preview_at(start.step, float("nan"), running=False)
@@ -205,7 +206,6 @@ def train(
         validator = None
         if validation is not None:
             held_out = cm.build_samples(patcher, [validation.latents], [validation.positive], device)
-            predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
             validator = Validator(validation, lambda: evaluate_denoise_loss(predict, objective, held_out, device,
                                                                             validation.seed, validation.levels))  # fmt: skip
 
@@ -233,8 +233,8 @@ def train(
                 result = run_training(
                     params=adapters.trainable_parameters(),
                     samples=samples,
-                    predict_x0=cm.make_predict_x0(patcher),
-                    objective=cm.objective_for(patcher, config),
+                    predict_x0=predict,
+                    objective=objective,
                     config=config,
                     device=device,
                     resume=ResumeState(start.step, start.step + config.steps, start.optimizer_state),
@@ -277,16 +277,15 @@ def _untrainable(error: RuntimeError, family: str) -> RuntimeError:
     return error
 
 
-def _memory_fit(patcher, diffusion, adapters: AdapterSet, samples, config: TrainConfig, device: torch.device,
-                in_place: bool) -> Fit:  # fmt: skip
+def _memory_fit(diffusion, predict, objective, adapters: AdapterSet, samples, config: TrainConfig,
+                device: torch.device, in_place: bool) -> Fit:  # fmt: skip
     """The run's memory plan (training.memory_plan) against what the device has free now, the model
     loaded: one probe forward of the largest sample with the adapters attached, as training runs it.
     LORALAB_TRAINING_MEMORY_MIB caps what a run may add (default: the device's free memory)."""
     largest = max(range(len(samples)), key=lambda i: samples[i].latent.numel())
     probe = min(config.batch_size, 2)  # see ActivationProfile: batch 1 under-counts larger batches
     x, cond = collate(samples, [largest] * probe, device)
-    sigma = cm.objective_for(patcher, config).sigmas_from_percents(torch.tensor([0.5] * probe)).to(device)
-    predict = cm.make_predict_x0(patcher)
+    sigma = objective.sigmas_from_percents(torch.tensor([0.5] * probe)).to(device)
     params = adapters.trainable_parameters()
     with frozen(diffusion), adapters.attached(diffusion), autograd_safe(), copy_on_write(in_place):
         profile = profile_activations(lambda: predict(x, sigma, cond), repeated_blocks(diffusion),
@@ -310,7 +309,7 @@ def _memory_fit(patcher, diffusion, adapters: AdapterSet, samples, config: Train
                      fp8_savings, config.training_dtype, optimizer_state_values(config.optimizer, [p.shape for p in params]))  # fmt: skip
 
 
-def _over_budget(fit: Fit, config: TrainConfig) -> MemoryError:
+def _over_budget(fit: Fit) -> MemoryError:
     """Refusal before the first step: the plan's numbers and the changes that would fit."""
     changes = "; ".join(f"{what} (~{p.added / MIB:.0f} MiB)" for what, p in fit.alternatives)
     return MemoryError(
@@ -364,8 +363,9 @@ def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torc
     return TrainingOutOfMemory(message, error.step, error.total, error.detail)
 
 
-def _reload(patcher) -> None:
-    """The training clone loaded again after another clone of its model (a preview's) was."""
+def _load(patcher) -> None:
+    """The training clone loaded on its device with autograd-ready weights: at the start, and again
+    after another clone of its model (a preview's) was loaded."""
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     cm.materialize_inference_tensors(patcher.model)
 
@@ -376,8 +376,7 @@ def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:
     replaced = cm.use_fast_attention(patcher)
     if replaced:
         log.info("LoRA Lab: training attention runs on PyTorch SDPA instead of ComfyUI's %s", replaced)
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    cm.materialize_inference_tensors(patcher.model)
+    _load(patcher)
 
 
 class _Writer:
@@ -440,7 +439,7 @@ class _Start:
         try:
             sd, meta = read_lora_file(path)
             alphas = peft_alphas(meta)
-            sd = normalize_file_keys(merge_split_layers(sd, split_names or {}, alphas), key_names or {}, alphas)
+            sd = normalize_file_keys(sd, key_names or {}, alphas, parts=split_names)
             found = detect_algorithm(sd.keys())
         except ValueError as e:
             raise ValueError(f"existing_lora: {e}") from e

@@ -144,6 +144,7 @@ def profile_activations(forward: Callable[[], object], blocks: Sequence[nn.Modul
     per_block = [0] * len(blocks)
     inputs = [0] * len(blocks)
     starts: dict[int, int] = {}
+    entered: set[int] = set()
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
@@ -162,9 +163,9 @@ def profile_activations(forward: Callable[[], object], blocks: Sequence[nn.Modul
         def hook(module, args):
             starts[i] = counted[0]
             first = next((a for a in args if torch.is_tensor(a)), None)
-            if first is not None and i not in _entered:
+            if first is not None and i not in entered:
                 inputs[i] = first.untyped_storage().nbytes()
-            _entered.add(i)
+            entered.add(i)
 
         return hook
 
@@ -174,7 +175,6 @@ def profile_activations(forward: Callable[[], object], blocks: Sequence[nn.Modul
 
         return hook
 
-    _entered: set[int] = set()
     handles = []
     try:
         for i, block in enumerate(blocks):
