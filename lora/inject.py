@@ -1,5 +1,6 @@
-"""Attach adapters to a torch module tree without changing it: forward hooks add ΔY to each target
-layer's output, and removing the hooks restores the tree exactly. Base weights are never written.
+"""Attach adapters to a torch module tree without changing it: forward hooks give each target layer
+the adapter's output (``adapt_output``; ``adapt_input`` through a pre-hook where the algorithm changes
+the input), and removing the hooks restores the tree exactly. Base weights are never written.
 
 Keys follow ComfyUI's LORA_MODEL convention: "<prefix><module path>.<adapter suffix>", prefix
 "diffusion_model." by default, which stock LoRA loaders map onto the diffusion model.
@@ -97,7 +98,8 @@ class AdapterSet(nn.Module):
         generator: torch.Generator,
         device: torch.device | None = None,
     ) -> AdapterSet:
-        """Fresh adapters (ΔW = 0) in fp32, initialised in sorted path order from one generator."""
+        """Fresh adapters (the layers unchanged) in fp32, initialised in sorted path order from one
+        generator. Algorithms that start from the base weight (DoRA) then need ``init_from_base``."""
         adapter_cls = get_algorithm(algorithm)
         adapters = {}
         for path in sorted(targets):
@@ -112,6 +114,15 @@ class AdapterSet(nn.Module):
         if path not in self.paths:
             self.paths.append(path)
         self.adapters[_key(path)] = adapter
+
+    def init_from_base(self, root: nn.Module) -> int:
+        """Fresh adapters whose start depends on their layer's weight (DoRA's magnitude) read it from
+        root's layers as they are now (call it once the model is loaded with its patches). Returns
+        how many did."""
+        fresh = [(path, adapter) for path, adapter in self.items() if adapter.needs_base]
+        for path, adapter in fresh:
+            adapter.init_from_base(root.get_submodule(path).weight.detach())
+        return len(fresh)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters in a fixed order (by name), whatever order the modules registered them in:
@@ -150,7 +161,10 @@ class AdapterSet(nn.Module):
 
     def _hook(self, root: nn.Module) -> None:
         for path, adapter in self.items():
-            self._handles.append(root.get_submodule(path).register_forward_hook(_make_hook(adapter)))
+            layer = root.get_submodule(path)
+            if adapter.changes_input:
+                self._handles.append(layer.register_forward_pre_hook(_make_pre_hook(adapter)))
+            self._handles.append(layer.register_forward_hook(_make_hook(adapter)))
 
     def _unhook(self) -> None:
         for h in getattr(self, "_handles", []):
@@ -162,20 +176,25 @@ def _key(path: str) -> str:
     return path.replace(".", "__")
 
 
+def _make_pre_hook(adapter: AdapterModule):
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        return (adapter.adapt_input(module, args[0]), *args[1:])
+
+    return pre_hook
+
+
 def _make_hook(adapter: AdapterModule):
+    # args are what the layer ran on: the pre-hook's result where there is one.
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        delta = adapter(args[0])
-        return output + delta.to(output.dtype)
+        return adapter.adapt_output(module, args[0], output)
 
     return hook
 
 
 # Every per-layer adapter suffix: what each algorithm writes, alpha, and the recognised-but-unsupported
 # variants (grouped with their layer so loading refuses them with a reason instead of ignoring them).
-ADAPTER_SUFFIXES = (
-    *(key for cls in ALGORITHMS.values() for key in cls.state_keys),
-    ALPHA_KEY,
-    *UNSUPPORTED_KEYS,
+ADAPTER_SUFFIXES = tuple(
+    dict.fromkeys((*(key for cls in ALGORITHMS.values() for key in cls.state_keys), ALPHA_KEY, *UNSUPPORTED_KEYS))
 )
 # Full-size weight deltas (ComfyUI's built-in trainer writes them for norms and biases): not adapters.
 DELTA_SUFFIXES = ("diff", "diff_b", "set_weight")
@@ -383,7 +402,7 @@ def to_peft_names(
         if suffix not in _LORA_FILE_KEYS:
             raise ValueError(
                 f"key_format: 'diffusers' holds LoRA weights only (peft lora_A / lora_B), but layer {path} has "
-                f"'{suffix}' (a LoHa / LoKr / other variant); save it with key_format comfyui or kohya"
+                f"'{suffix}' (a LoHa, LoKr, OFT or DoRA key); save it with key_format comfyui or kohya"
             )
         groups.setdefault(path, {})[suffix] = value
     unnamed = sorted(p for p in groups if not names.get(p))

@@ -32,7 +32,7 @@ class TrainingOptions(io.ComfyNode):
                 io.Int.Input("lr_cycles", default=1, min=1, max=1000, tooltip="Restarts of cosine_with_restarts."),
                 io.Float.Input("weight_decay", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Decoupled weight decay (AdamW) / L2 (others)."),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01, tooltip="Clip the gradient norm; 0 turns clipping off."),
-                io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank); 0 means alpha = rank."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank); 0 means alpha = rank. OFT: the constraint, a cap on the size of the rotation (0: none)."),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default="all",
                                tooltip="Layers that get adapters: all Linear/Conv, attention only, or attention + MLP. Norms and biases are never trained."),
                 io.String.Input("include", default="", multiline=False, tooltip="Comma-separated glob patterns on module paths (e.g. *joint_blocks.1*); when set they replace the preset."),

@@ -93,13 +93,13 @@ class TrainLoraNode(io.ComfyNode):
                 io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, tooltip="Micro-batches whose gradients are summed into one optimizer step."),
                 io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
                 io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate of the optimizer."),
-                io.Int.Input("rank", default=8, min=1, max=128, tooltip="Rank of the adapter (capacity; alpha = rank, so scale 1)."),
+                io.Int.Input("rank", default=8, min=1, max=128, tooltip="Rank of the adapter (capacity; alpha = rank, so scale 1). OFT: the size of its rotation blocks."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer. AdamW, Adam, SGD (momentum 0.9), RMSprop: PyTorch's. Prodigy (finds its own step size: set learning_rate to 1.0), Adafactor (factored second moments: least optimizer memory), CAME, Lion (one moment: half of AdamW's state): pytorch-optimizer's. AdamW8bit: bitsandbytes', CUDA only, listed where it is installed. Each one's state is checkpointed and resumes exactly."),
                 io.Combo.Input("loss_function", options=list(LOSS_NAMES), default="MSE", tooltip="Distance between prediction and target, in the model family's target space."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for adapter initialisation, batch order, noise levels and noise."),
                 io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype of the forward and backward pass: bf16 where the device supports it, else fp32."),
                 io.Combo.Input("lora_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Dtype of the returned and saved adapter weights (training keeps fp32 master weights)."),
-                io.Combo.Input("algorithm", options=list(ALGORITHM_NAMES), default="LoRA", tooltip="Adapter algorithm."),
+                io.Combo.Input("algorithm", options=list(ALGORITHM_NAMES), default="LoRA", tooltip="Adapter algorithm. LoRA (LoCon on convolutions), LoHa and LoKr add a learned ΔW; OFT rotates each layer's outputs in blocks (keeps the weights' norms: slow to overfit); DoRA is LoRA with a learned magnitude per input column (weight-decomposed). All five apply with ComfyUI's own LoRA loaders."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute block activations in backward: less memory, ~30% more compute."),
                 io.Combo.Input("existing_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")], default=NO_LORA,
                                tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one."),
@@ -173,6 +173,7 @@ def train(
         if carried:  # what we do not train still shapes what the adapter learns
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
         _prepare_clone(patcher, config, device)
+        adapters.init_from_base(diffusion)  # DoRA's magnitude, from the weights as loaded (patches applied)
         samples = cm.build_samples(patcher, latents, positive, device)
         in_place = cm.in_place_writes(patcher, samples[0], device)
         if in_place:
@@ -400,7 +401,7 @@ class _Writer:
         sd.update(self.carried)
         sd.metadata = build_metadata(
             steps=step, algorithm=config.algorithm, rank=config.rank,
-            alpha=config.alpha if config.alpha is not None else config.rank, seed=config.seed,
+            alpha=_alpha(config), seed=config.seed,
             optimizer=config.optimizer, learning_rate=config.learning_rate, loss=loss,
             training_dtype=config.training_dtype, lora_dtype=config.lora_dtype, model_family=self.family,
             dataset_size=self.dataset_size, pack_version=__version__, **self.model_info,
@@ -476,10 +477,10 @@ class _Start:
         file lacks get the same scale and the metadata tells the alpha the tensors hold. An explicit
         alpha that differs is kept for new layers; the file's layers keep theirs (said in the log)."""
         alpha = self.file_alpha()
-        if alpha is None or alpha == float(config.alpha if config.alpha is not None else config.rank):
+        if alpha is None or alpha == _alpha(config):
             return config
         if config.alpha is None:
-            log.info("LoRA Lab: %s has alpha %g: training continues with it (alpha = rank would be %d)", self.name, alpha, config.rank)
+            log.info("LoRA Lab: %s has alpha %g: training continues with it (the default would be %g)", self.name, alpha, _alpha(config))
             return config.replace(alpha=alpha)
         log.warning("LoRA Lab: %s has alpha %g and alpha is set to %g: the file's layers keep %g, new layers get %g",
                     self.name, alpha, config.alpha, alpha, config.alpha)  # fmt: skip
@@ -487,6 +488,11 @@ class _Start:
 
     def load_into(self, adapters: AdapterSet, targets: dict, config: TrainConfig, device) -> dict:
         return _load_existing(adapters, self.weights, targets, self.name, config, device) if self.weights else {}
+
+
+def _alpha(config: TrainConfig) -> float:
+    """The run's alpha: the one set, else the algorithm's default (rank; OFT: 0, no constraint)."""
+    return float(config.alpha) if config.alpha is not None else get_algorithm(config.algorithm).default_alpha(config.rank)
 
 
 def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str, config: TrainConfig, device) -> dict:

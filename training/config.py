@@ -18,7 +18,7 @@ OPTIMIZER_NAMES = CONTRACT_OPTIMIZERS + tuple(
 )
 LOSS_NAMES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
-ALGORITHM_NAMES = ("LoRA", "LoHa", "LoKr")
+ALGORITHM_NAMES = ("LoRA", "LoHa", "LoKr", "OFT", "DoRA")  # lora.ALGORITHMS, in its order (tested)
 SCHEDULE_NAMES = ("constant", "linear", "cosine", "cosine_with_restarts")
 TARGET_PRESETS = ("all", "attention", "attention_mlp")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")

@@ -660,6 +660,10 @@ def _num(value: float | int) -> str:
     return repr(value)
 
 
+# LyCORIS network arguments that train the same kind of file (kohya ss_network_args).
+_LYCORIS_ARGS = {"oft": {"algo": "diag-oft"}, "dora": {"algo": "lora", "dora_wd": True, "wd_on_out": False}}
+
+
 def build_metadata(
     *,
     steps: int,
@@ -684,7 +688,8 @@ def build_metadata(
 ) -> dict[str, str]:
     """String metadata for a trained adapter: ``loralab.*``, kohya ``ss_*`` and SAI ModelSpec keys.
 
-    ``algorithm`` is ``"lora"``, ``"loha"`` or ``"lokr"`` (other LyCORIS names pass through).
+    ``algorithm`` is ``"lora"``, ``"loha"``, ``"lokr"``, ``"oft"`` or ``"dora"`` (other LyCORIS names pass
+    through); kohya's ``ss_network_args`` name them as LyCORIS' network module does.
     ``loss`` is the final (or smoothed final) training loss.  ``model_family`` (alias ``base_model``)
     names the base model, best as ComfyUI's model-config class name (``SD15``, ``SDXL``, ``SD3``,
     ``Flux``; see :func:`base_model_info`).  Keys whose value is None are left out.
@@ -723,7 +728,7 @@ def build_metadata(
         "ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
         "ss_network_dim": None if rank is None else _num(int(rank)),
         "ss_network_alpha": None if alpha is None else _num(alpha),
-        "ss_network_args": None if algo == "lora" else json.dumps({"algo": algo}),
+        "ss_network_args": None if algo == "lora" else json.dumps(_LYCORIS_ARGS.get(algo, {"algo": algo})),
         "ss_steps": _num(int(steps)),
         "ss_max_train_steps": _num(int(steps)),
         "ss_learning_rate": None if learning_rate is None else _num(learning_rate),

@@ -1,4 +1,6 @@
-"""The shared shell of every adapter: validation, rank/alpha bookkeeping and file-format I/O."""
+"""The shared shell of every adapter: validation, rank/alpha bookkeeping, file-format I/O, and the
+one contract by which an adapter changes its base layer's forward (``adapt_input`` / ``adapt_output``).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ ALPHA_KEY = "alpha"
 # Keys of real-world adapter files that we recognise but cannot reproduce; loading them silently
 # without these would give a different ΔW, so they are refused with a reason.
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "dora_scale": "DoRA weight decomposition",
+    "dora_scale": "DoRA weight decomposition (only LoRA layers can be DoRA here)",
     "lora_mid.weight": "Tucker (CP) decomposition of a LoCon conv",
     "hada_t1": "Tucker (CP) decomposition of a LoHa conv",
     "hada_t2": "Tucker (CP) decomposition of a LoHa conv",
@@ -64,10 +66,14 @@ def _check_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class AdapterModule(nn.Module):
-    """An adapter for one base layer: owns the factors, computes ΔW and the bypass output ΔY.
+    """An adapter for one base layer: owns its parameters and changes the layer's forward.
 
-    Subclasses hold parameters and call ``lora.functional``; they implement ``_init_parameters``,
-    ``_load_parameters``, ``_file_tensors``, ``delta_weight`` and ``forward``.
+    The contract every algorithm meets: the layer runs on ``adapt_input(layer, x)`` and its output y
+    becomes ``adapt_output(layer, x, y)``; the effective weight is ``merge(W)``, which is also what
+    ComfyUI's loader makes of the saved file. Additive algorithms (LoRA, LoHa, LoKr) implement
+    ``delta_weight`` and ``forward`` (ΔY) and inherit the rest; OFT rotates the output, DoRA rescales
+    the input. Subclasses also implement ``_init_parameters``, ``_load_parameters`` and
+    ``_file_tensors``.
 
     Rank and alpha: ``scale = alpha / rank`` (``alpha=None`` means ``alpha = rank``, scale 1). A rank the
     layer cannot use is clamped (see each algorithm's ``max rank``); the scale the user asked for is kept
@@ -78,6 +84,10 @@ class AdapterModule(nn.Module):
     algorithm: ClassVar[str]
     #: Algorithm-specific key suffixes of the file format (``alpha`` is common to all, see ``ALPHA_KEY``).
     state_keys: ClassVar[tuple[str, ...]]
+    #: Whether ``adapt_input`` changes the input (then it runs as a forward pre-hook as well).
+    changes_input: ClassVar[bool] = False
+    #: Whether alpha is the scale numerator (alpha / rank); OFT's alpha is a constraint instead.
+    alpha_is_scale: ClassVar[bool] = True
 
     weight_shape: tuple[int, ...]
     conv: ConvSpec | None
@@ -99,7 +109,9 @@ class AdapterModule(nn.Module):
         user_alpha = None if alpha is None else _check_alpha(alpha)
         dtype = _check_dtype(dtype)
         effective, uses_alpha = self._init_parameters(requested, generator)
-        if not uses_alpha or user_alpha is None:
+        if not self.alpha_is_scale:
+            stored_alpha = self.default_alpha(effective) if user_alpha is None else user_alpha
+        elif not uses_alpha or user_alpha is None:
             stored_alpha = float(effective)  # scale 1
         elif effective == requested:
             stored_alpha = user_alpha
@@ -136,6 +148,34 @@ class AdapterModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ΔY: the base layer's op applied to ``x`` with weight ΔW and no bias, computed in ``x.dtype``."""
         raise NotImplementedError
+
+    # ---- how the adapter changes its layer ------------------------------------------------------
+
+    @classmethod
+    def default_alpha(cls, rank: int) -> float:
+        """The alpha of ``alpha=None``: ``rank`` (scale 1); OFT's is 0 (no constraint)."""
+        return float(rank) if cls.alpha_is_scale else 0.0
+
+    def adapt_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The input the base layer runs on (only called when ``changes_input``)."""
+        return x
+
+    def adapt_output(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output given its input ``x`` (after ``adapt_input``) and its own output ``y``:
+        ``y + ΔY`` for an additive algorithm."""
+        return y + self(x).to(y.dtype)
+
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """The effective weight ``[*weight_shape]`` for base weight ``weight``, in its dtype."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    @property
+    def needs_base(self) -> bool:
+        """True until ``init_from_base`` has run, for algorithms whose start depends on the base weight."""
+        return False
+
+    def init_from_base(self, weight: torch.Tensor) -> None:
+        """Set what a fresh adapter derives from its layer's weight (DoRA's magnitude); else nothing."""
 
     # ---- common API -----------------------------------------------------------------------------
 
@@ -205,7 +245,7 @@ class AdapterModule(nn.Module):
         module.weight_shape, module.conv = check_layer(weight_shape, conv)
         dtype = _check_dtype(dtype)
         for key in sd:
-            if key in UNSUPPORTED_KEYS:
+            if key in UNSUPPORTED_KEYS and key not in cls.state_keys:
                 raise ValueError(f"{cls.algorithm}: key {key!r} ({UNSUPPORTED_KEYS[key]}) is not supported")
         unexpected = sorted(set(sd) - set(cls.state_keys) - {ALPHA_KEY})
         if unexpected:
@@ -213,7 +253,7 @@ class AdapterModule(nn.Module):
                 f"{cls.algorithm}: unexpected keys {unexpected}; expected some of {[*cls.state_keys, ALPHA_KEY]}"
             )
         rank, uses_alpha = module._load_parameters(sd, dtype, device)
-        alpha = float(rank)
+        alpha = cls.default_alpha(rank)
         if uses_alpha and ALPHA_KEY in sd:
             value = sd[ALPHA_KEY]
             if not isinstance(value, torch.Tensor) or value.numel() != 1:

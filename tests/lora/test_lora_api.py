@@ -12,9 +12,11 @@ from lora import (
     ALGORITHMS,
     AdapterModule,
     ConvSpec,
+    DoRAModule,
     LoHaModule,
     LoKrModule,
     LoRAModule,
+    OFTModule,
     detect_algorithm,
     factorization,
     get_algorithm,
@@ -25,8 +27,8 @@ from lora import (
 
 
 def test_algorithms_registry():
-    assert list(ALGORITHMS) == ["LoRA", "LoHa", "LoKr"]
-    assert list(ALGORITHMS.values()) == [LoRAModule, LoHaModule, LoKrModule]
+    assert list(ALGORITHMS) == ["LoRA", "LoHa", "LoKr", "OFT", "DoRA"]
+    assert list(ALGORITHMS.values()) == [LoRAModule, LoHaModule, LoKrModule, OFTModule, DoRAModule]
     for name, cls in ALGORITHMS.items():
         assert issubclass(cls, AdapterModule) and cls.algorithm == name
         assert get_algorithm(name) is cls
@@ -36,7 +38,8 @@ def test_algorithms_registry():
 @pytest.mark.parametrize("bad", ["LoCon", "", None, 3])
 def test_get_algorithm_unknown(bad):
     with pytest.raises(
-        ValueError, match=r"algorithm must be one of \['LoRA', 'LoHa', 'LoKr'\], got " + re.escape(repr(bad))
+        ValueError,
+        match=r"algorithm must be one of \['LoRA', 'LoHa', 'LoKr', 'OFT', 'DoRA'\], got " + re.escape(repr(bad)),
     ):
         get_algorithm(bad)
 
@@ -51,6 +54,10 @@ def test_get_algorithm_unknown(bad):
         (["lokr_w1", "lokr_w2", "alpha"], "LoKr"),
         (["m.lokr_w1_a", "m.lokr_w1_b", "m.lokr_w2_a", "m.lokr_w2_b"], "LoKr"),
         (["x.lokr_w2"], "LoKr"),
+        (["x.oft_blocks", "x.alpha"], "OFT"),
+        (["x.lora_up.weight", "x.lora_down.weight", "x.dora_scale", "x.alpha"], "DoRA"),
+        (["x.lora_up.weight", "y.dora_scale"], "DoRA"),
+        (["x.lora_up.weight", "x.lora_down.weight"], "LoRA"),
         (["alpha"], None),
         ([], None),
         (["model.diffusion_model.x.weight", "x.diff", "lora_up.weightx", "xlora_up.weight"], None),
@@ -71,6 +78,8 @@ def test_detect_algorithm_from_our_files():
 def test_detect_algorithm_mixed():
     with pytest.raises(ValueError, match=r"mix adapter algorithms \['LoRA', 'LoKr'\]"):
         detect_algorithm(["a.lora_up.weight", "b.lokr_w1"])
+    with pytest.raises(ValueError, match=r"mix adapter algorithms \['LoHa', 'DoRA'\]"):
+        detect_algorithm(["a.hada_w1_a", "a.dora_scale"])
 
 
 # ---- layer_spec ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig
+from training.config import ALGORITHM_NAMES, TrainConfig
 from training.factory import make_loss, make_optimizer
 
 
@@ -19,7 +19,7 @@ def test_defaults_match_the_contract():
     [("steps", 0), ("steps", 100_001), ("batch_size", 0), ("grad_accumulation_steps", 1025), ("rank", 129),
      ("rank", 0), ("learning_rate", 0.0), ("learning_rate", 2.0), ("seed", -1), ("seed", 2**64),
      ("optimizer", "Lion2"), ("loss_function", "L2"), ("training_dtype", "fp16"), ("lora_dtype", "int8"),
-     ("algorithm", "DoRA"), ("alpha", 0.0), ("steps", 1.5), ("steps", True)],
+     ("algorithm", "GLoRA"), ("alpha", 0.0), ("steps", 1.5), ("steps", True)],
 )
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -57,3 +57,10 @@ def test_keep_checkpoints_range(value):
     with pytest.raises(ValueError, match="keep_checkpoints"):
         TrainConfig(keep_checkpoints=value)
     assert TrainConfig().keep_checkpoints == 3 and TrainConfig(keep_checkpoints=0).keep_checkpoints == 0
+
+
+def test_algorithm_names_are_the_registry():
+    """The node's algorithm options are lora.ALGORITHMS, in its order (training/ does not import lora)."""
+    from lora import ALGORITHMS
+
+    assert ALGORITHM_NAMES == tuple(ALGORITHMS)

@@ -507,6 +507,13 @@ def test_build_metadata_lycoris(algo):
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+@pytest.mark.parametrize(("algo", "args"), [("OFT", {"algo": "diag-oft"}),
+                                            ("DoRA", {"algo": "lora", "dora_wd": True, "wd_on_out": False})])  # fmt: skip
+def test_build_metadata_names_oft_and_dora_as_lycoris_does(algo, args):
+    md = build_metadata(steps=10, algorithm=algo, rank=4, alpha=0, model_family="sdxl")
+    assert md["ss_network_module"] == "lycoris.kohya" and json.loads(md["ss_network_args"]) == args
+
+
 def test_build_metadata_leaves_out_unknowns_and_adds_extra():
     md = build_metadata(steps=3, extra={"loralab.note": "hi", "loralab.n": 5})
     assert "ss_seed" not in md and "loralab.rank" not in md and "modelspec.resolution" not in md
