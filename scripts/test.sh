@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The test command: sets up the environment if needed (scripts/setup.sh), lints, runs pytest.
+# The test command: sets up the environment and the test tools if needed (scripts/setup.sh --test),
+# lints, runs pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"
