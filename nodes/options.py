@@ -3,15 +3,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import io
 
-from ..training.config import SCHEDULE_NAMES, TARGET_PRESETS, TIMESTEP_SAMPLINGS, TrainConfig
+from ..training.config import Option, TrainConfig, node_options
 from ..training.lorafile import safe_prefix
 from .preview import PREVIEW_TYPE
 from .validation import VALIDATION_TYPE
 
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
-DEFAULTS = TrainConfig()
+
+
+def widget(option: Option) -> io.Input:
+    """A node input for one row of the option table (training.config.OPTIONS)."""
+    common = {"default": option.widget_default, "tooltip": option.tooltip}
+    if option.kind == "int":
+        return io.Int.Input(option.name, min=int(option.lo), max=int(option.hi), **common)
+    if option.kind == "float":
+        return io.Float.Input(option.name, min=option.lo, max=option.hi, step=option.step, **common)
+    if option.kind == "bool":
+        return io.Boolean.Input(option.name, **common)
+    if option.kind == "combo":
+        return io.Combo.Input(option.name, options=list(option.choices), **common)
+    if option.kind == "string":
+        return io.String.Input(option.name, multiline=False, **common)
+    raise ValueError(f"option {option.name}: unknown kind {option.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptionsValue:
+    """What Training Options hands the trainer: a validated config holding the options node's settings
+    (the trainer's own widgets at their defaults, replaced by the trainer), plus what is not config."""
+
+    config: TrainConfig
+    checkpoint_prefix: str
+    preview: object = None
+    validation: object = None
 
 
 def _patterns(text: str) -> tuple[str, ...]:
@@ -27,28 +55,7 @@ class TrainingOptions(io.ComfyNode):
             category="LoRA Lab",
             description="Schedules, regularisation, target layers, noise sampling and checkpoints for Train LoRA (LoRA Lab).",
             inputs=[
-                io.Combo.Input("lr_schedule", options=list(SCHEDULE_NAMES), default="constant", tooltip="Learning-rate schedule over the run's steps."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, tooltip="Linear warm-up steps before the schedule."),
-                io.Int.Input("lr_cycles", default=1, min=1, max=1000, tooltip="Restarts of cosine_with_restarts."),
-                io.Float.Input("weight_decay", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Decoupled weight decay (AdamW) / L2 (others)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.01, tooltip="Clip the gradient norm; 0 turns clipping off."),
-                io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank); 0 means alpha = rank. OFT: the constraint, a cap on the size of the rotation (0: none)."),
-                io.Combo.Input("targets", options=list(TARGET_PRESETS), default="all",
-                               tooltip="Layers that get adapters: all Linear/Conv, attention only, or attention + MLP. Norms and biases are never trained."),
-                io.String.Input("include", default="", multiline=False, tooltip="Comma-separated glob patterns on module paths (e.g. *joint_blocks.1*); when set they replace the preset."),
-                io.String.Input("exclude", default="", multiline=False, tooltip="Comma-separated glob patterns of module paths to leave out."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="uniform", tooltip="How noise levels are drawn over the model's schedule."),
-                io.Float.Input("logit_mean", default=0.0, min=-5.0, max=5.0, step=0.1, tooltip="logit_normal: mean."),
-                io.Float.Input("logit_std", default=1.0, min=0.01, max=5.0, step=0.1, tooltip="logit_normal: standard deviation."),
-                io.Float.Input("flow_shift", default=1.0, min=0.01, max=100.0, step=0.1, tooltip="Flow models: extra shift of the noise levels (1 = none; >1 = noisier)."),
-                io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, tooltip="Min-SNR-gamma loss weighting for eps / v models; 0 = off (5 is common)."),
-                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Offset noise strength (helps very dark / bright images); 0 = off."),
-                io.Int.Input("save_every", default=0, min=0, max=100000, tooltip="Save a checkpoint (LoRA + exact-resume state) every N steps; 0 = never."),
-                io.String.Input("checkpoint_prefix", default="loralab/checkpoints/lora", tooltip="File-name prefix of checkpoints, inside the loras folder."),
-                # Last: saved UI workflows list widget values by position, so new widgets go at the end.
-                io.Int.Input("keep_checkpoints", default=DEFAULTS.keep_checkpoints, min=0, max=100000,
-                             tooltip="Checkpoints of this run kept on disk: after each new one, the oldest beyond this number "
-                             "(its LoRA file and .lorastate) is deleted. Files of other runs are never touched; 0 = keep all."),
+                *(widget(option) for option in node_options("options")),
                 io.Custom(PREVIEW_TYPE).Input("preview", optional=True,
                                               tooltip="Optional: sample previews during training (Preview Settings (LoRA Lab))."),
                 io.Custom(VALIDATION_TYPE).Input("validation", optional=True,
@@ -75,5 +82,5 @@ class TrainingOptions(io.ComfyNode):
         options = dict(kwargs, alpha=None if alpha == 0 else alpha, include=_patterns(include), exclude=_patterns(exclude))
         prefix = options.pop("checkpoint_prefix")
         safe_prefix(prefix, "checkpoint_prefix")  # a linked prefix was not checked at queue time
-        TrainConfig(**options)  # fail here, at the options node, on a bad combination
-        return io.NodeOutput({"config": options, "checkpoint_prefix": prefix, "preview": preview, "validation": validation})
+        # Built here, so a bad value or combination fails at the options node.
+        return io.NodeOutput(TrainingOptionsValue(TrainConfig(**options), prefix, preview, validation))

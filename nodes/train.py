@@ -32,7 +32,7 @@ from ..lora.inject import (
 from ..training.autograd_safe import autograd_safe, copy_on_write
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
 from ..training.checkpointing import gradient_checkpointing, repeated_blocks
-from ..training.config import ALGORITHM_NAMES, DTYPE_NAMES, LOSS_NAMES, MAX_SEED, OPTIMIZER_NAMES, TrainConfig
+from ..training.config import OPTION, TrainConfig, node_options
 from ..training.cpu_heap import retained_heap
 from ..training.data import collate
 from ..training.loop import (
@@ -62,14 +62,14 @@ from ..training.memory_plan import (
 from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
-from .options import OPTIONS_TYPE
+from .options import OPTIONS_TYPE, TrainingOptionsValue, widget
 from .preview import Previewer, PreviewSettings
 from .validation import ValidationSettings, Validator
 
 log = logging.getLogger("loralab")
 
 NO_LORA = "[None]"
-DEFAULT_CHECKPOINT_PREFIX = "loralab/checkpoints/lora"
+DEFAULT_CHECKPOINT_PREFIX = OPTION["checkpoint_prefix"].default
 # Settings that must match for a training state's optimizer moments to be reused.
 RESUME_KEYS = ("algorithm", "rank", "alpha", "optimizer", "targets", "include", "exclude")
 
@@ -83,24 +83,13 @@ class TrainLoraNode(io.ComfyNode):
             node_id="LoraLab_TrainLoraNode",
             display_name="Train LoRA (LoRA Lab)",
             category="LoRA Lab",
-            description="Train a LoRA, LoHa or LoKr adapter on a diffusion model from latents and conditioning.",
+            description="Train a LoRA, LoHa, LoKr, OFT or DoRA adapter on a diffusion model from latents and conditioning.",
             is_input_list=True,
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to train the adapter on. It is not changed."),
                 io.Latent.Input("latents", tooltip="Training images as latents: one batch, or several LATENT inputs (sizes may differ)."),
                 io.Conditioning.Input("positive", tooltip="One conditioning per latent image, or one used for all of them."),
-                io.Int.Input("batch_size", default=1, min=1, max=10000, tooltip="Images per micro-batch (images of one size are batched together)."),
-                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024, tooltip="Micro-batches whose gradients are summed into one optimizer step."),
-                io.Int.Input("steps", default=16, min=1, max=100000, tooltip="Optimizer steps to train."),
-                io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001, tooltip="Learning rate of the optimizer."),
-                io.Int.Input("rank", default=8, min=1, max=128, tooltip="Rank of the adapter (capacity; alpha = rank, so scale 1). OFT: the size of its rotation blocks."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZER_NAMES), default="AdamW", tooltip="Optimizer. AdamW, Adam, SGD (momentum 0.9), RMSprop: PyTorch's. Prodigy (finds its own step size: set learning_rate to 1.0), Adafactor (factored second moments: least optimizer memory), CAME, Lion (one moment: half of AdamW's state): pytorch-optimizer's. AdamW8bit: bitsandbytes', CUDA only, listed where it is installed. Each one's state is checkpointed and resumes exactly."),
-                io.Combo.Input("loss_function", options=list(LOSS_NAMES), default="MSE", tooltip="Distance between prediction and target, in the model family's target space."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for adapter initialisation, batch order, noise levels and noise."),
-                io.Combo.Input("training_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Compute dtype of the forward and backward pass: bf16 where the device supports it, else fp32."),
-                io.Combo.Input("lora_dtype", options=list(DTYPE_NAMES), default="bf16", tooltip="Dtype of the returned and saved adapter weights (training keeps fp32 master weights)."),
-                io.Combo.Input("algorithm", options=list(ALGORITHM_NAMES), default="LoRA", tooltip="Adapter algorithm. LoRA (LoCon on convolutions), LoHa and LoKr add a learned ΔW; OFT rotates each layer's outputs in blocks (keeps the weights' norms: slow to overfit); DoRA is LoRA with a learned magnitude per input column (weight-decomposed). All five apply with ComfyUI's own LoRA loaders."),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute block activations in backward: less memory, ~30% more compute."),
+                *(widget(option) for option in node_options("train")),
                 io.Combo.Input("existing_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")], default=NO_LORA,
                                tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one."),
                 io.Custom(OPTIONS_TYPE).Input("options", optional=True,
@@ -129,13 +118,13 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, model, latents, positive, options=None, **widgets) -> io.NodeOutput:
         args = {k: v[0] for k, v in widgets.items()}  # is_input_list: every widget arrives as a list
         existing = args.pop("existing_lora")
-        opts = options[0] if options else {"config": {}, "checkpoint_prefix": DEFAULT_CHECKPOINT_PREFIX}
-        config = TrainConfig(**args, **opts["config"])
+        opts = options[0] if options else TrainingOptionsValue(TrainConfig(), DEFAULT_CHECKPOINT_PREFIX)
+        config = opts.config.replace(**args)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         prompt = getattr(cls.hidden, "prompt", None) if cls.hidden is not None else None
         held_out: dict = {}
-        lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts["checkpoint_prefix"],
-                                       preview=opts.get("preview"), prompt=prompt, validation=opts.get("validation"),
+        lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts.checkpoint_prefix,
+                                       preview=opts.preview, prompt=prompt, validation=opts.validation,
                                        validation_out=held_out)  # fmt: skip
         model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
         return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses, **held_out}, total)

@@ -26,23 +26,14 @@ from safetensors.torch import load_file
 from harness.client import RunResult
 from harness.server import DATASET_NAME, MODEL_NAME
 from harness.workflow import fill_required_defaults
+from training.config import node_options
 
 NO_LORA = "[None]"
 
-#: The trainer's widget inputs with the contract's defaults (the pack's node and the built-in share them).
+#: The trainer's widget inputs with the contract's defaults (the pack's node and the built-in share them),
+#: from the option table the node's schema is built from.
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "batch_size": 1,
-    "grad_accumulation_steps": 1,
-    "steps": 16,
-    "learning_rate": 0.0005,
-    "rank": 8,
-    "optimizer": "AdamW",
-    "loss_function": "MSE",
-    "seed": 0,
-    "training_dtype": "bf16",
-    "lora_dtype": "bf16",
-    "algorithm": "LoRA",
-    "gradient_checkpointing": True,
+    **{option.name: option.widget_default for option in node_options("train")},
     "existing_lora": NO_LORA,
 }
 
@@ -50,26 +41,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 MODEL_OUT, LORA_OUT, LOSS_OUT, STEPS_OUT = 0, 1, 2, 3
 
 #: LoraLab_TrainingOptions' widget inputs with the node's defaults (all of them are required inputs).
-OPTIONS_DEFAULTS: dict[str, Any] = {
-    "lr_schedule": "constant",
-    "warmup_steps": 0,
-    "lr_cycles": 1,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "alpha": 0.0,
-    "targets": "all",
-    "include": "",
-    "exclude": "",
-    "timestep_sampling": "uniform",
-    "logit_mean": 0.0,
-    "logit_std": 1.0,
-    "flow_shift": 1.0,
-    "min_snr_gamma": 0.0,
-    "noise_offset": 0.0,
-    "save_every": 0,
-    "keep_checkpoints": 3,
-    "checkpoint_prefix": "loralab/checkpoints/lora",
-}
+OPTIONS_DEFAULTS: dict[str, Any] = {option.name: option.widget_default for option in node_options("options")}
 
 # LoraLab_LoadLora outputs.
 LOADED_LORA_OUT, LOADED_STEPS_OUT = 0, 1

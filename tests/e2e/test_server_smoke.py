@@ -69,6 +69,31 @@ def test_object_info_lists_the_pack_nodes(comfy_server):
         assert info[key].get("category"), f"{key} has no category"
 
 
+def test_object_info_agrees_with_the_option_table(comfy_server):
+    """Both nodes' widgets are the rows of training.config.OPTIONS: name, order, kind, default, range,
+    step, choices and tooltip, as the live server reports them."""
+    from training.config import node_options
+
+    kinds = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "string": "STRING"}
+    for node, where in (("LoraLab_TrainLoraNode", "train"), ("LoraLab_TrainingOptions", "options")):
+        required = comfy_server.object_info[node]["input"]["required"]
+        table = node_options(where)
+        names = [name for name in required if name in {o.name for o in table}]
+        assert names == [o.name for o in table], (node, names)
+        for option in table:
+            kind, spec = required[option.name][0], required[option.name][1]
+            if option.kind == "combo":
+                assert (kind if isinstance(kind, list) else spec.get("options")) == list(option.choices), option.name
+            else:
+                assert kind == kinds[option.kind], (option.name, kind)
+            assert spec["default"] == option.widget_default, (option.name, spec["default"])
+            assert spec.get("tooltip") == option.tooltip, option.name
+            if option.kind in ("int", "float"):
+                assert (spec["min"], spec["max"]) == (option.lo, option.hi), (option.name, spec)
+            if option.kind == "float":
+                assert spec["step"] == option.step, option.name
+
+
 def test_builtin_prompt_runs_end_to_end(comfy_server):
     prompt = {
         "1": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 1}},
