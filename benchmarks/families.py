@@ -36,7 +36,7 @@ def saved_bytes(cm, patcher, samples, checkpointing: bool) -> int:
 
     from lora.inject import AdapterSet, find_targets, frozen
     from training.autograd_safe import autograd_safe
-    from training.checkpointing import gradient_checkpointing
+    from training.gradient_checkpointing import gradient_checkpointing
 
     net = patcher.model.diffusion_model
     adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))

@@ -1,37 +1,25 @@
-"""LoRA Lab file nodes: save a LoRA into the loras folder, load one back, plot a loss history.
+"""LoRA Lab file nodes: save a LoRA into the loras folder (in any key format), load one back.
 
 ComfyUI V3 nodes.  Only ComfyUI imports this module; the file handling itself lives in
-``training/lorafile.py`` and the chart in ``training/plotting.py`` (both ComfyUI-free).
+``training/lorafile.py``, ``training/file_names.py`` and ``training/safe_write.py`` (ComfyUI-free).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import folder_paths
-import numpy as np
-import torch
 from comfy_api.latest import io
 from PIL.PngImagePlugin import PngInfo
 
-from ..lora.inject import KEY_FORMATS, convert_key_format, normalize_file_keys
-from ..training.lorafile import (
-    LORA_SUFFIX,
-    LoraStateDict,
-    earlier_steps,
-    next_free_path,
-    peft_alphas,
-    prefix_location,
-    read_lora_file,
-    safe_prefix,
-    save_lora_file,
-)
-from ..training.plotting import render_loss_plot
+from ..lora.inject import KEY_FORMATS, convert_key_format
+from ..training.file_names import earlier_steps, next_free_path, prefix_location, safe_prefix
+from ..training.lorafile import LORA_SUFFIX, LoraStateDict, read_lora_file, save_lora_file
+from ..training.safe_write import create_exclusive
+from .apply_lora import for_model
 
 log = logging.getLogger("loralab")
 
@@ -39,7 +27,7 @@ CATEGORY = "LoRA Lab"
 LORA_MODEL = io.Custom("LORA_MODEL")
 LOSS_MAP = io.Custom("LOSS_MAP")
 
-_PREFIX_HELP = (
+PREFIX_HELP = (
     "File name prefix; may contain sub-folders separated by '/'. Characters other than letters, digits, "
     "'.', '_', '-' and spaces become '_'. Absolute paths and '..' are refused."
 )
@@ -59,19 +47,7 @@ def check_prefix(filename_prefix) -> bool | str:
 def write_new_png(img, target: Path, pnginfo: PngInfo | None) -> bool:
     """img as a PNG at target, created exclusively (never overwriting): False when the name is taken.
     A write that fails leaves nothing behind."""
-    try:
-        with open(target, "xb") as f:
-            try:
-                img.save(f, format="PNG", pnginfo=pnginfo, compress_level=4)
-            except BaseException:
-                f.close()
-                with contextlib.suppress(OSError):
-                    target.unlink()
-                raise
-    except FileExistsError:
-        return False
-    return True
-
+    return create_exclusive(target, lambda f: img.save(f, format="PNG", pnginfo=pnginfo, compress_level=4))
 
 def loras_root() -> Path:
     folders = folder_paths.get_folder_paths("loras")
@@ -100,7 +76,7 @@ class LoraLab_SaveLora(io.ComfyNode):
                 io.String.Input(
                     "filename_prefix",
                     default="loralab/my_lora",
-                    tooltip=_PREFIX_HELP + " Relative to the loras folder; the file becomes "
+                    tooltip=PREFIX_HELP + " Relative to the loras folder; the file becomes "
                     "<prefix>_<steps>_steps_<counter>.safetensors.",
                 ),
                 io.Int.Input(
@@ -259,156 +235,4 @@ class LoraLab_LoadLora(io.ComfyNode):
         return io.NodeOutput(LoraStateDict(tensors, metadata=metadata), steps)
 
 
-class LoraLab_PlotLoss(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="LoraLab_PlotLoss",
-            display_name="Plot Loss (LoRA Lab)",
-            category=CATEGORY,
-            description=(
-                "Draws the loss history of a training run (raw and smoothed, min and final values marked), "
-                "saves it as PNG in the output folder and shows it on the node."
-            ),
-            is_output_node=True,
-            inputs=[
-                LOSS_MAP.Input(
-                    "loss",
-                    tooltip="Loss history (LOSS_MAP, {'loss': [one value per optimizer step]}) from LoRA Lab's "
-                    "trainer or ComfyUI's own 'Train LoRA' node; a held-out loss (Validation Set) is drawn too.",
-                ),
-                io.String.Input(
-                    "filename_prefix",
-                    default="loralab/loss",
-                    tooltip=_PREFIX_HELP + " Relative to the output folder.",
-                ),
-            ],
-            outputs=[io.Image.Output("image", display_name="image", tooltip="The chart as an IMAGE.")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, filename_prefix=None) -> bool | str:
-        return check_prefix(filename_prefix)
-
-    @classmethod
-    def execute(cls, loss, filename_prefix: str) -> io.NodeOutput:
-        values = loss.get("loss", []) if isinstance(loss, Mapping) else loss
-        if isinstance(values, torch.Tensor):
-            values = values.detach().flatten().tolist()
-        values = [float(v) for v in (values or [])]
-        held_out = []
-        if isinstance(loss, Mapping) and loss.get("validation_loss") is not None:  # LoRA Lab's Validation Set
-            held_out = [(float(st), float(v)) for st, v in zip(loss.get("validation_step") or [], loss["validation_loss"], strict=False)]
-        img = render_loss_plot(values, validation=held_out)
-
-        prefix = safe_prefix(filename_prefix)
-        out_dir = folder_paths.get_output_directory()
-        full_folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(
-            prefix, out_dir, img.width, img.height
-        )
-        pnginfo = cls._png_metadata(values)
-        while True:
-            name = f"{stem}_{counter:05}_.png"
-            target = Path(full_folder) / name
-            try:
-                if write_new_png(img, target, pnginfo):
-                    break
-            except OSError as exc:
-                raise OSError(
-                    f"Plot Loss: could not write {target}: {exc.strerror or exc}; check that the output folder "
-                    "is writable and has free space"
-                ) from exc
-            counter += 1
-
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-        image = torch.from_numpy(arr)[None]  # [1, H, W, 3]
-        subfolder = subfolder.replace(os.sep, "/") if subfolder else ""
-        return io.NodeOutput(
-            image, ui={"images": [{"filename": name, "subfolder": subfolder, "type": "output"}]}
-        )
-
-    @classmethod
-    def _png_metadata(cls, values: list[float]) -> PngInfo | None:
-        try:
-            from comfy.cli_args import args
-
-            if getattr(args, "disable_metadata", False):
-                return None
-        except Exception:  # metadata is optional
-            pass
-        info = PngInfo()
-        finite = [v for v in values if v == v and abs(v) != float("inf")]
-        info.add_text("loralab.steps", str(len(values)))
-        if finite:
-            info.add_text("loralab.final_loss", repr(finite[-1]))
-            info.add_text("loralab.min_loss", repr(min(finite)))
-        hidden = getattr(cls, "hidden", None)
-        if hidden is not None:
-            if getattr(hidden, "prompt", None) is not None:
-                info.add_text("prompt", json.dumps(hidden.prompt))
-            extra = getattr(hidden, "extra_pnginfo", None)
-            if isinstance(extra, Mapping):
-                for key, value in extra.items():
-                    info.add_text(str(key), json.dumps(value))
-        return info
-
-
-class LoraLab_ApplyLora(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="LoraLab_ApplyLora",
-            display_name="Apply LoRA (LoRA Lab)",
-            category=CATEGORY,
-            description=(
-                "Applies LORA_MODEL weights (from a trainer or Load LoRA file) to a model at a strength. Reads every "
-                "naming ComfyUI's loader reads, plus the attention layers of diffusers / peft SD UNet files (which "
-                "stock loaders skip) and the alpha peft keeps in a file's metadata."
-            ),
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to; it is not changed."),
-                LORA_MODEL.Input("lora", tooltip="Adapter weights (LORA_MODEL)."),
-                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
-                               tooltip="Multiplier of the adapter's effect; negative values invert it."),
-            ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A copy of the model with the adapter applied.")],
-        )
-
-    @classmethod
-    def execute(cls, model, lora, strength: float) -> io.NodeOutput:
-        if strength == 0:
-            return io.NodeOutput(model)
-        import comfy.sd
-
-        return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, model_keys(model, lora), strength, 0)[0])
-
-
-def for_model(model, lora: Mapping) -> LoraStateDict:
-    """The LoRA in the model's "diffusion_model.<module>" keys (model_keys), knowing the model's kohya and
-    diffusers names for its layers, as a LoRA from the trainer does; metadata kept."""
-    from ..lora.inject import find_targets, group_file_keys
-    from . import comfy_model as cm
-
-    keys = cm.key_targets(model)
-    tensors = model_keys(model, lora, keys)
-    layers = find_targets(model.model.diffusion_model)
-    groups, _ = group_file_keys(tensors, layers)
-    targets = {p: layers[p] for p in groups}
-    names = {"kohya": cm.kohya_names(model, targets, cm.lora_key_names(model, keys)),
-             "diffusers": cm.diffusers_names(model, targets, keys)}  # fmt: skip
-    return LoraStateDict(tensors, metadata=getattr(lora, "metadata", None), file_names=names)
-
-
-def model_keys(model, lora: Mapping, keys: list | None = None) -> dict:
-    """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
-    a peft file's metadata on its layers; parts of a fused layer become one LoRA of it. Keys that map to
-    no layer stay as they are (ComfyUI's loader still applies what it knows). keys: the model's
-    comfy_model.key_targets, when the caller has it."""
-    from . import comfy_model as cm
-
-    keys = cm.key_targets(model) if keys is None else keys
-    return normalize_file_keys(lora, cm.lora_key_names(model, keys), peft_alphas(getattr(lora, "metadata", None)),
-                               parts=cm.lora_split_names(model, keys))  # fmt: skip
-
-
-NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora, LoraLab_ApplyLora, LoraLab_PlotLoss]
+NODES: list[type[io.ComfyNode]] = [LoraLab_SaveLora, LoraLab_LoadLora]

@@ -8,7 +8,7 @@ import dataclasses
 from comfy_api.latest import io
 
 from ..training.config import Option, TrainConfig, node_options
-from ..training.lorafile import safe_prefix
+from ..training.file_names import safe_prefix
 from .preview import PREVIEW_TYPE
 from .validation import VALIDATION_TYPE
 

@@ -39,7 +39,7 @@ from comfy_api.latest import io
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..training.lorafile import safe_prefix
+from ..training.file_names import safe_prefix
 from .events import send_preview
 from .files import check_prefix, write_new_png
 

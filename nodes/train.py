@@ -31,10 +31,11 @@ from ..lora.inject import (
 )
 from ..training.autograd_safe import autograd_safe, copy_on_write
 from ..training.checkpoint import CheckpointSeries, bound_training_state, state_path_for, write_checkpoint
-from ..training.checkpointing import gradient_checkpointing, repeated_blocks
 from ..training.config import OPTION, TrainConfig, node_options
 from ..training.cpu_heap import retained_heap
 from ..training.data import collate
+from ..training.file_names import earlier_steps, prefix_location
+from ..training.gradient_checkpointing import gradient_checkpointing, repeated_blocks
 from ..training.loop import (
     ResumeState,
     StepInfo,
@@ -43,14 +44,8 @@ from ..training.loop import (
     evaluate_denoise_loss,
     run_training,
 )
-from ..training.lorafile import (
-    LoraStateDict,
-    build_metadata,
-    earlier_steps,
-    peft_alphas,
-    prefix_location,
-    read_lora_file,
-)
+from ..training.lora_metadata import build_metadata, peft_alphas
+from ..training.lorafile import LoraStateDict, read_lora_file
 from ..training.memory_plan import (
     MIB,
     Fit,

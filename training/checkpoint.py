@@ -37,16 +37,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lorafile import (
-    SIDECAR_SUFFIXES,
-    _copy_exclusive,
-    _fsync_dir,
-    lora_file_bytes,
-    next_free_path,
-    save_lora_bytes,
-    step_count,
-    write_error_cause,
-)
+from .file_names import next_free_path, step_count
+from .lorafile import SIDECAR_SUFFIXES, lora_file_bytes, save_lora_bytes
+from .safe_write import fsync_dir, publish, write_atomically, write_error_cause
 
 STATE_SUFFIX = SIDECAR_SUFFIXES[0]
 FORMAT = "loralab.trainstate.v2"  # v2: carries lora_sha256 (v1 files are not bound and are ignored)
@@ -119,19 +112,6 @@ def _write_state_file(tmp: Path, tensors: dict[str, torch.Tensor], metadata: dic
         os.close(fd)
 
 
-def _as_os_error(exc: BaseException, path: Path) -> OSError | None:
-    io_error = write_error_cause(exc)  # safetensors reports disk full / read-only as its own error
-    if io_error is None:
-        return None
-    message = (
-        f"could not write training state {path}: {io_error.strerror or io_error}; check that the "
-        "folder is writable and has free space"
-    )
-    error = OSError(message) if io_error.errno is None else OSError(io_error.errno, message)
-    error.filename = str(path)
-    return error
-
-
 def save_training_state(
     path: str | os.PathLike,
     master: Mapping[str, torch.Tensor],
@@ -146,18 +126,7 @@ def save_training_state(
     state is not bound and a resume ignores it). Checkpoints use :func:`write_checkpoint`."""
     path = Path(path)
     tensors, metadata = _state_payload(master, optimizer_state, step, total_steps, config, lora_sha256)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_state_file(tmp, tensors, metadata)
-        os.replace(tmp, path)
-    except Exception as exc:
-        error = _as_os_error(exc, path)
-        if error is None:
-            raise
-        raise error from exc
-    finally:
-        _remove(tmp)
-    _fsync_dir(path.parent)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), True, "training state")
     return path
 
 
@@ -223,7 +192,7 @@ def write_checkpoint(
             target = path
             published = save_lora_bytes(lora_bytes, path)
             target = state
-            _publish_new(tmp, state)
+            publish(tmp, state, overwrite=False)
         except FileExistsError:  # another writer took the name: leave its file alone, take the next one
             if published is not None:
                 _remove(published)
@@ -239,7 +208,7 @@ def write_checkpoint(
                 if cause is not None:
                     raise _failed(what, step, target, cause) from exc
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return path, state
     raise FileExistsError(errno.EEXIST, f"{what}: no free checkpoint name after {_NAME_TRIES} tries", str(folder))
 
@@ -248,17 +217,6 @@ def _remove(path: Path) -> None:
     """Clean-up that must not hide the error being handled (unlink fails on a read-only disk)."""
     with contextlib.suppress(OSError):
         path.unlink()
-
-
-def _publish_new(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` the name ``path`` unless that name exists (``FileExistsError``)."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here: exclusive create + copy, never over another file
-        _copy_exclusive(tmp, path)
-    os.unlink(tmp)
 
 
 def _failed(what: str, step: int, target: Path, cause: OSError) -> OSError:

@@ -18,7 +18,7 @@ from families import FAMILIES  # noqa: E402
 
 from lora.inject import AdapterSet, find_targets, frozen, target_excludes, target_patterns  # noqa: E402
 from training.autograd_safe import autograd_safe, copy_on_write  # noqa: E402
-from training.checkpointing import InPlaceError, gradient_checkpointing, repeated_blocks  # noqa: E402
+from training.gradient_checkpointing import InPlaceError, gradient_checkpointing, repeated_blocks  # noqa: E402
 
 CPU = torch.device("cpu")
 

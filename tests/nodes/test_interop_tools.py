@@ -60,10 +60,12 @@ def _save(glue, lora, key_format: str, loras_dir):
 
 def _applied(glue, patcher, tensors, metadata=None):
     """The model with the file applied by the pack's Apply LoRA (ComfyUI's loader after key mapping)."""
-    _, files, _, _ = glue
+    import importlib
+
     from training.lorafile import LoraStateDict
 
-    return files.LoraLab_ApplyLora.execute(patcher, LoraStateDict(tensors, metadata=metadata), 1.0).result[0]
+    apply_lora = importlib.import_module(glue[1].__package__ + ".apply_lora")
+    return apply_lora.LoraLab_ApplyLora.execute(patcher, LoraStateDict(tensors, metadata=metadata), 1.0).result[0]
 
 
 def _stock(patcher, tensors):

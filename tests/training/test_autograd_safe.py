@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.autograd_safe import autograd_safe, copy_on_write, rewritten_count, writes_into_used_tensors
-from training.checkpointing import InPlaceError, gradient_checkpointing
+from training.gradient_checkpointing import InPlaceError, gradient_checkpointing
 
 
 class PreNormBlock(nn.Module):

@@ -142,10 +142,10 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_failed_sidecar_publish_leaves_no_lora_behind(tmp_path, monkeypatch):
-    def failing(tmp, path):
+    def failing(tmp, path, overwrite):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(ck, "_publish_new", failing)
+    monkeypatch.setattr(ck, "publish", failing)
     with pytest.raises(OSError) as info:
         _write(tmp_path)
     assert "ck_2_steps_00001.lorastate" in str(info.value) and "Input/output error" in str(info.value)

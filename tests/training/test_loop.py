@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lora.inject import AdapterSet, find_targets, frozen
-from training.checkpointing import gradient_checkpointing, repeated_blocks
 from training.config import TrainConfig
 from training.data import Sample
+from training.gradient_checkpointing import gradient_checkpointing, repeated_blocks
 from training.loop import TrainingDiverged, derive_seed, evaluate_denoise_loss, run_training
 from training.objective import Objective
 

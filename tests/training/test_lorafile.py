@@ -1,4 +1,4 @@
-"""training/lorafile.py: safetensors I/O, refusals, names, metadata (pure, no ComfyUI)."""
+"""training/lorafile.py, file_names.py, lora_metadata.py, safe_write.py: safetensors I/O, refusals, names, metadata (pure, no ComfyUI)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from training import lorafile
-from training.lorafile import (
-    LoraStateDict,
-    build_metadata,
-    earlier_steps,
-    next_free_path,
-    read_lora_file,
-    safe_prefix,
-    save_lora_file,
-)
+from training import file_names, lora_metadata, lorafile, safe_write
+from training.file_names import earlier_steps, next_free_path, safe_prefix
+from training.lora_metadata import build_metadata
+from training.lorafile import LoraStateDict, read_lora_file, save_lora_file
 
 
 def _sd() -> LoraStateDict:
@@ -134,7 +128,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, where):
     elif where == "fsync":
         monkeypatch.setattr(lorafile.os, "fsync", failing)
     else:
-        monkeypatch.setattr(lorafile, "_publish", failing)
+        monkeypatch.setattr(safe_write, "publish", failing)
     with pytest.raises(OSError) as info:
         save_lora_file(_sd(), target)
     assert str(target) in str(info.value)
@@ -545,7 +539,7 @@ def test_build_metadata_leaves_out_unknowns_and_adds_extra():
     ],
 )
 def test_base_model_info(family, arch, version):
-    assert lorafile.base_model_info(family) == (arch, version)
+    assert lora_metadata.base_model_info(family) == (arch, version)
 
 
 def test_build_metadata_base_model_alias():
@@ -628,9 +622,9 @@ def test_step_counts_from_files_are_range_checked(metadata, filename, expected, 
 
 
 def test_step_count_type_checks():
-    assert lorafile.step_count(7) == 7 and lorafile.step_count("7") == 7 and lorafile.step_count(" 250.0 ") == 250
+    assert file_names.step_count(7) == 7 and file_names.step_count("7") == 7 and file_names.step_count(" 250.0 ") == 250
     for bad in (True, 7.0, -1, None, [], "1e308", 10**9 + 1, "0x10"):
-        assert lorafile.step_count(bad) is None, bad
+        assert file_names.step_count(bad) is None, bad
 
 
 def test_next_free_path_treats_a_sidecar_as_taken(tmp_path):

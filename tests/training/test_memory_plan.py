@@ -8,7 +8,7 @@ import torch
 
 from lora.inject import AdapterSet, find_targets, frozen
 from tests.training.test_loop import Toy
-from training.checkpointing import gradient_checkpointing, repeated_blocks
+from training.gradient_checkpointing import gradient_checkpointing, repeated_blocks
 from training.memory_plan import ActivationProfile, check_fit, module_bytes, plan, profile_activations
 
 
