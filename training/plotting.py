@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["render_loss_plot", "ema", "nice_ticks"]
+__all__ = ["render_loss_plot", "ema", "ema_span", "nice_ticks"]
 
 _SS = 2  # supersampling factor
 
@@ -44,6 +44,11 @@ def _scalable_fonts() -> bool:
         return True
     except (TypeError, AttributeError, OSError):
         return False
+
+
+def ema_span(n: int) -> int:
+    """The smoothing span for a run of ``n`` steps: n / 25, 2 to 200 steps (the live view's too)."""
+    return int(max(2, min(200, round(n / 25))))
 
 
 def ema(values: Sequence[float], span: float) -> list[float]:
@@ -309,7 +314,7 @@ def render_loss_plot(
 
     # EMA span grows with the run (2 .. 200 steps); below 3 finite values it would only repeat them.
     show_ema = len(finite) >= 3
-    span_steps = int(max(2, min(200, round(n / 25))))
+    span_steps = ema_span(n)
     smooth = ema(values, span_steps)
     if show_ema:
         smooth_masked = [m if math.isfinite(v) else math.nan for m, v in zip(smooth, values, strict=True)]

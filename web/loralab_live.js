@@ -131,21 +131,22 @@ function updateRun(detail) {
 
 // ------------------------------------------------------------------ numbers
 
-/** Debiased exponential moving average; the window grows with the run length. */
+/** The smoothed curve of the loss plot PNG (training/plotting.py: ema with span n / 25, 2 to 200
+ *  steps, bias-corrected), so the live view and the saved plot draw the same line. */
 function smooth(values) {
-  const n = values.filter((v) => v != null).length;
-  const weight = Math.min(0.98, Math.max(0.6, 1 - 10 / Math.max(n, 1)));
+  const span = Math.max(2, Math.min(200, Math.round(values.length / 25)));
+  const beta = 1 - 2 / (span + 1);
   const out = [];
-  let avg = 0;
-  let count = 0;
+  let acc = 0;
+  let weight = 0;
   for (const v of values) {
-    if (v == null) {
+    if (v == null || !Number.isFinite(v)) {
       out.push(null);
       continue;
     }
-    avg = weight * avg + (1 - weight) * v;
-    count += 1;
-    out.push(avg / (1 - weight ** count));
+    acc = beta * acc + (1 - beta) * v;
+    weight = beta * weight + (1 - beta);
+    out.push(acc / weight);
   }
   return out;
 }

@@ -283,6 +283,12 @@ def test_template_trains_with_the_live_loss_curve(ui, comfy_server):
     losses = [v for e in events for v in e["losses"]]
     assert all(isinstance(v, float) and math.isfinite(v) for v in losses)
     assert events[-1]["loss"] == losses[-1]
+    # The live smoothed value is the saved loss plot's smoothed curve (training.plotting.ema).
+    from training.plotting import ema, ema_span
+
+    shown = float(state["text"].split("smoothed ")[1].split()[0])
+    expected = ema(losses, ema_span(len(losses)))[-1]
+    assert shown == pytest.approx(expected, rel=1e-3), (shown, expected)
     for key in ("node", "prompt_id", "step", "total", "loss", "lr", "steps_per_s", "elapsed"):
         assert key in events[-1], key
     assert all(e["prompt_id"] == prompt_id for e in events)
