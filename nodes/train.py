@@ -54,6 +54,7 @@ from ..training.memory_plan import (
     optimizer_state_values,
     profile_activations,
 )
+from ..training.offload import BlockOffload, offload_bytes
 from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
@@ -138,7 +139,7 @@ def train(
     loras_folder = loras_root()
     prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
     patcher = model.clone()
-    with cm.training_mode():  # tensors read here must be normal ones: autograd and optimizer use them
+    with cm.training_mode(), contextlib.ExitStack() as cleanup:  # tensors read here must be normal ones: autograd and optimizer use them
         family = type(patcher.model.model_config).__name__
         keys = cm.key_targets(patcher)  # ComfyUI's LoRA key map, read once
         key_names = cm.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
@@ -165,7 +166,15 @@ def train(
                         "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
-        fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place))
+        blocks = repeated_blocks(diffusion)
+        offload = _offload(blocks[: config.offload_blocks], patcher, config, cleanup) if config.offload_blocks > 0 else None
+        frees = torch.device(patcher.offload_device) != torch.device(device)  # on a CPU offloading frees nothing
+        auto = config.offload_blocks == -1 and frees
+        fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place),
+                          offload_bytes(blocks) if auto else ())  # fmt: skip
+        if not fit.fits and auto and fit.offload_needed:
+            offload = _offload(blocks[: fit.offload_needed], patcher, config, cleanup)
+            fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place))
         log.info("LoRA Lab: memory plan: %s; %s has %d MiB free for it", fit.plan.describe(), fit.where, fit.available // MIB)
         if not fit.fits:
             raise _over_budget(fit)
@@ -184,6 +193,8 @@ def train(
             with adapters.paused(diffusion) if running else contextlib.nullcontext():
                 previewer.render(step, lora)
             _load(patcher)
+            if offload is not None and offload.active:  # loading the preview's clone brought them back
+                offload.apply()
 
         if previewer is not None:
             preview_at(start.step, float("nan"), running=False)
@@ -262,8 +273,21 @@ def _untrainable(error: RuntimeError, family: str) -> RuntimeError:
     return error
 
 
+def _offload(blocks: list, patcher, config: TrainConfig, cleanup: contextlib.ExitStack) -> BlockOffload:
+    """The weights of these blocks in the offload device's memory (training.offload) until the run ends."""
+    offload = BlockOffload(blocks, patcher.offload_device)
+    cleanup.callback(offload.restore)
+    offload.apply()
+    log.info("LoRA Lab: the weights of %d repeated blocks (%d MiB) stay in %s memory and come to %s layer by layer",
+             len(blocks), offload.bytes // MIB, offload.offload_device, patcher.load_device)  # fmt: skip
+    if not config.gradient_checkpointing:
+        log.warning("LoRA Lab: offload_blocks without gradient_checkpointing saves no memory: autograd keeps every "
+                    "block's weights until backward; turn gradient_checkpointing on")  # fmt: skip
+    return offload
+
+
 def _memory_fit(diffusion, predict, objective, adapters: AdapterSet, samples, config: TrainConfig,
-                device: torch.device, in_place: bool) -> Fit:  # fmt: skip
+                device: torch.device, in_place: bool, block_weights=()) -> Fit:  # fmt: skip
     """The run's memory plan (training.memory_plan) against what the device has free now, the model
     loaded: one probe forward of the largest sample with the adapters attached, as training runs it.
     LORALAB_TRAINING_MEMORY_MIB caps what a run may add (default: the device's free memory)."""
@@ -291,7 +315,8 @@ def _memory_fit(diffusion, predict, objective, adapters: AdapterSet, samples, co
     fp8_savings = sum(w.numel() * (w.element_size() - 1) for w in linears if w.element_size() > 1)
     return check_fit(module_bytes(diffusion), sum(p.numel() for p in params), config.optimizer, profile,
                      config.batch_size, config.gradient_checkpointing and not in_place, available, where,
-                     fp8_savings, config.training_dtype, optimizer_state_values(config.optimizer, [p.shape for p in params]))  # fmt: skip
+                     fp8_savings, config.training_dtype, optimizer_state_values(config.optimizer, [p.shape for p in params]),
+                     block_weights)  # fmt: skip
 
 
 def _over_budget(fit: Fit) -> MemoryError:
@@ -301,7 +326,7 @@ def _over_budget(fit: Fit) -> MemoryError:
         f"model: this run needs {fit.plan.describe()}, but {fit.where} has {fit.available / MIB:.0f} MiB free for it; "
         "training did not start and nothing changed. "
         + (f"Settings that fit: {changes}." if changes else "No single change of batch_size, gradient_checkpointing, "
-           "training_dtype or an fp8 base fits: train on smaller images or free memory first.")  # fmt: skip
+           "training_dtype, offload_blocks or an fp8 base fits: train on smaller images or free memory first.")  # fmt: skip
     )
 
 
@@ -332,7 +357,10 @@ def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torc
     if config.batch_size > 1:
         tips.append(f"lower batch_size (now {config.batch_size}) and raise grad_accumulation_steps to keep the effective batch")
     if not config.gradient_checkpointing:
-        tips.append("turn gradient_checkpointing on (Training Options)")
+        tips.append("turn gradient_checkpointing on")
+    if device.type == "cuda" and config.offload_blocks != -1:
+        tips.append(f"offload more blocks' weights to CPU memory (offload_blocks in Training Options, now "
+                    f"{config.offload_blocks}; -1 picks the number from the memory plan)")  # fmt: skip
     if config.training_dtype == "fp32":
         tips.append("set training_dtype to bf16")
     tips.append("load the model with weight_dtype fp8_e4m3fn (Load Diffusion Model)")

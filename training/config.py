@@ -97,6 +97,11 @@ _ALGORITHM_TIP = ("Adapter algorithm. LoRA (LoCon on convolutions), LoHa and LoK
 _KEEP_TIP = ("Checkpoints of this run kept on disk: after each new one, the oldest beyond this number (its LoRA file and "
              ".lorastate) is deleted. Files of other runs are never touched; 0 = keep all.")
 
+_OFFLOAD_TIP = ("Keep the frozen weights of the first N repeated blocks in CPU memory; each layer's weights come "
+                "to the GPU as it runs (ComfyUI's low-VRAM casting). Less VRAM, slower steps; it needs "
+                "gradient_checkpointing to save anything. -1 = auto: as many as the memory plan needs (none when "
+                "the run fits); 0 = off. On a CPU-only machine it changes nothing but the code path.")
+
 #: Every setting, in widget order per node (saved UI workflows list widget values by position: new
 #: ones go at the end of their node).
 OPTIONS: tuple[Option, ...] = (
@@ -131,6 +136,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_every", "int", 0, "options", "Save a checkpoint (LoRA + exact-resume state) every N steps; 0 = never.", 0, 100_000),
     Option("checkpoint_prefix", "string", "loralab/checkpoints/lora", "options", "File-name prefix of checkpoints, inside the loras folder.", config=False),
     Option("keep_checkpoints", "int", 3, "options", _KEEP_TIP, 0, 100_000),
+    Option("offload_blocks", "int", -1, "options", _OFFLOAD_TIP, -1, 10_000),
 )  # fmt: skip
 OPTION = {option.name: option for option in OPTIONS}
 
@@ -178,6 +184,7 @@ class TrainConfig:
     noise_offset: float = _field("noise_offset")
     save_every: int = _field("save_every")  # optimizer steps between checkpoints; 0: none
     keep_checkpoints: int = _field("keep_checkpoints")  # newest checkpoints of a run kept on disk; 0: all
+    offload_blocks: int = _field("offload_blocks")  # repeated blocks whose weights stay in CPU memory; -1: auto
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -118,6 +118,12 @@ def plan(
     )  # fmt: skip
 
 
+def offloaded_weights(block_weights: Sequence[int]) -> int:
+    """Device bytes offloading these blocks frees during a checkpointed run: all of them but the largest,
+    which is back on the device while it is recomputed and differentiated."""
+    return sum(block_weights) - max(block_weights, default=0)
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (each storage once)."""
     seen, total = set(), 0
@@ -197,6 +203,7 @@ class Fit:
     available: int  # bytes the run may add
     where: str  # "cuda" / "cpu", for the message
     alternatives: list[tuple[str, MemoryPlan]] = field(default_factory=list)
+    offload_needed: int = 0  # the fewest blocks to offload for the run to fit (0: none would do, or none needed)
 
     @property
     def fits(self) -> bool:
@@ -206,10 +213,14 @@ class Fit:
 def check_fit(
     weights: int, trainable_values: int, optimizer: str, profile: ActivationProfile, batch: int, checkpointing: bool,
     available: int, where: str, fp8_savings: int = 0, training_dtype: str = "bf16", optimizer_values: int | None = None,
+    block_weights: Sequence[int] = (),
 ) -> Fit:  # fmt: skip
     """The plan for the run's settings against `available` bytes, and the changes that would fit, cheapest
     first: gradient checkpointing on, a smaller batch, bf16 instead of fp32 activations (about half),
-    an fp8 base (fp8_savings: bytes its weights would free on this device)."""
+    an fp8 base (fp8_savings: bytes its weights would free on this device), offloading the first N
+    repeated blocks (block_weights: the device bytes each block's weights take, in order; empty where
+    offloading frees nothing, on a CPU). Offloading frees weights only with checkpointing on, and the
+    largest offloaded block is on the device again while it is recomputed (offloaded_weights)."""
 
     def make(b: int = batch, ckpt: bool = checkpointing) -> MemoryPlan:
         return plan(weights, trainable_values, optimizer, profile, b, ckpt, optimizer_values)
@@ -231,5 +242,13 @@ def check_fit(
         candidates.append(("training_dtype bf16", halved, 0))
     if fp8_savings > 0:
         candidates.append(("an fp8 base (Load Diffusion Model, weight_dtype fp8_e4m3fn)", make(), fp8_savings))
+    if block_weights and checkpointing:
+        short = fit.plan.added - available
+        for n in range(1, len(block_weights) + 1):
+            freed = offloaded_weights(block_weights[:n])
+            if freed >= short:
+                fit.offload_needed = n
+                candidates.append((f"offload_blocks {n} (Training Options; -1 picks it by itself)", make(), freed))
+                break
     fit.alternatives = [(what, p) for what, p, freed in candidates if p.added <= available + freed]
     return fit

@@ -31,8 +31,8 @@ def dora_input_scale(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch
 
     The norm is a constant for backward (the DoRA paper's section 4.3, as peft does): gradients reach
     m directly and ΔW through the scaled input, and no full-size weight is kept for backward."""
-    with torch.no_grad():
-        norm = dora_column_norm(weight.float() + delta.float()) + DORA_EPS
+    with torch.no_grad():  # the weight may sit in CPU memory (offloaded): the norm is taken where ΔW is
+        norm = dora_column_norm(weight.to(delta.device, torch.float32) + delta.float()) + DORA_EPS
     return magnitude.float() / norm
 
 

@@ -79,5 +79,5 @@ class OFTModule(AdapterModule):
         """y + (R - I)^T (y - b): only the weight's part of the output turns, never the bias."""
         spatial = len(self.weight_shape) - 2  # channels are dim -1 (Linear) or -(spatial + 1) (conv)
         bias = getattr(layer, "bias", None)
-        base = y if bias is None else y - bias.to(y.dtype).reshape(-1, *(1,) * spatial)
+        base = y if bias is None else y - bias.to(y.device, y.dtype).reshape(-1, *(1,) * spatial)
         return y + oft_rotate_channels(base, self.rotation(), -1 - spatial)

@@ -9,7 +9,14 @@ import torch
 from lora.inject import AdapterSet, find_targets, frozen
 from tests.training.test_loop import Toy
 from training.gradient_checkpointing import gradient_checkpointing, repeated_blocks
-from training.memory_plan import ActivationProfile, check_fit, module_bytes, plan, profile_activations
+from training.memory_plan import (
+    ActivationProfile,
+    check_fit,
+    module_bytes,
+    offloaded_weights,
+    plan,
+    profile_activations,
+)
 
 
 def _attached(depth: int = 4):
@@ -99,6 +106,25 @@ def test_over_budget_plan_names_the_changes_that_fit():
     tight = check_fit(available=20_000, **args)
     assert [what.split(" (")[0] for what, _ in tight.alternatives] == ["batch_size 1"]  # 15_600
     assert check_fit(available=57_600, **args).fits
+
+
+def test_offloading_is_suggested_with_the_fewest_blocks_that_fit():
+    """Checkpointed: added 34_400. Offloading N blocks frees all of them but the largest (it is back on
+    the device while recomputed): 3 blocks of 10_000 free 20_000, 2 free 10_000."""
+    profile = ActivationProfile(total=14_000, blocks=[6000, 6000], block_inputs=[100, 100])
+    args = dict(weights=50_000, trainable_values=100, optimizer="AdamW", profile=profile, batch=4, checkpointing=True,
+                where="the GPU", block_weights=[10_000] * 5)  # fmt: skip
+    fit = check_fit(available=16_000, **args)  # 18_400 short
+    assert not fit.fits and fit.offload_needed == 3
+    assert [what.split(" (")[0] for what, _ in fit.alternatives] == ["batch_size 1", "offload_blocks 3"]
+    assert check_fit(available=25_000, **args).offload_needed == 2  # 9_400 short
+    assert check_fit(available=34_400, **args).offload_needed == 0  # fits as it is
+    assert check_fit(available=1_000, **args).offload_needed == 5  # 33_400 short; five free 40_000
+    never = check_fit(available=1_000, **{**args, "block_weights": [10_000] * 3})  # three free only 20_000
+    assert never.offload_needed == 0 and not never.alternatives
+    unckpt = check_fit(available=16_000, **{**args, "checkpointing": False})  # saves nothing without it
+    assert unckpt.offload_needed == 0
+    assert offloaded_weights([4, 9, 2]) == 6 and offloaded_weights([]) == 0
 
 
 def test_module_bytes_counts_each_storage_once():
