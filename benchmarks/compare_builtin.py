@@ -72,7 +72,12 @@ SHARD_FOLDER = "loralab_bench_dataset"
 
 
 # arch -> (latent channels, context width, context tokens, pooled width; 0 = none)
-DATA_SHAPES = {"sd3": (16, 64, 8, 64), "sd15mini": (4, 768, 77, 0), "sd15": (4, 768, 77, 0), "sdxl": (4, 2048, 77, 1280)}
+DATA_SHAPES = {
+    "sd3": (16, 64, 8, 64),
+    "sd15mini": (4, 768, 77, 0),
+    "sd15": (4, 768, 77, 0),
+    "sdxl": (4, 2048, 77, 1280),
+}
 
 
 def write_model(base: pathlib.Path, arch: str, depth: int) -> str:
@@ -153,10 +158,10 @@ class RssSampler:
 
 class GpuMemorySampler(RssSampler):
     """The same, for the process's GPU memory as nvidia-smi reports it (CUDA context included), every
-    50 ms; fields keep the RSS names (KiB). Inside a container nvidia-smi often lists processes by
-    the host's PIDs (or not at all); then the memory used on the whole GPU is taken instead, which
-    is the server's as long as nothing else runs on the card during the benchmark (said once; from then
-on only the card is asked, one nvidia-smi call per sample)."""
+        50 ms; fields keep the RSS names (KiB). Inside a container nvidia-smi often lists processes by
+        the host's PIDs (or not at all); then the memory used on the whole GPU is taken instead, which
+        is the server's as long as nothing else runs on the card during the benchmark (said once; from then
+    on only the card is asked, one nvidia-smi call per sample)."""
 
     interval = 0.05
 
@@ -175,7 +180,9 @@ on only the card is asked, one nvidia-smi call per sample)."""
             return None
         if not self.whole_gpu:
             self.whole_gpu = True
-            print(f"nvidia-smi does not list pid {self.pid}: GPU memory is the whole card's (keep it free of other work)")
+            print(
+                f"nvidia-smi does not list pid {self.pid}: GPU memory is the whole card's (keep it free of other work)"
+            )
         return int(used[0]) * 1024
 
 
@@ -226,6 +233,7 @@ def forward_flops(arch: str, depth: int, size: int, batch: int) -> float:
             kwargs["y"] = torch.empty(batch, 2816 if arch == "sdxl" else pooled)
         # ComfyUI's CPU attention asks how much memory is free, which meta tensors cannot answer.
         free = comfy.model_management.get_free_memory
+
         def plenty(dev=None, torch_free_too=False):
             return (1 << 40, 1 << 40) if torch_free_too else 1 << 40
 
@@ -253,7 +261,9 @@ def run_one(client, node: str, infos: dict, rss: RssSampler | None = None, **kw)
     (t0, v0), (t1, v1) = times[0], times[-1]
     return {
         "steps_per_s": (v1 - v0) / (t1 - t0) if t1 > t0 else float("nan"),
-        "denoise_loss": float(res.outputs["4"]["loss"][0]) if "loss" in res.outputs.get("4", {}) else float("nan"),
+        "denoise_loss": float(res.outputs["4"]["loss"][0])
+        if "loss" in res.outputs.get("4", {})
+        else float("nan"),
     }
 
 
@@ -264,9 +274,18 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--arch", choices=sorted(DATA_SHAPES), default="sd3",
-                    help="sd3 (MMDiT of --depth), sd15mini (mini SD1.5 UNet), sd15 / sdxl (full-size, random weights)")
-    ap.add_argument("--batch", type=int, default=1, help="batch_size of both nodes (the dataset has max(4, batch) latents)")
+    ap.add_argument(
+        "--arch",
+        choices=sorted(DATA_SHAPES),
+        default="sd3",
+        help="sd3 (MMDiT of --depth), sd15mini (mini SD1.5 UNet), sd15 / sdxl (full-size, random weights)",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch_size of both nodes (the dataset has max(4, batch) latents)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--depth", type=int, default=2, help="SD3/MMDiT depth (2 = the tiny default; 4, 8 ...)")
     ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px)")
@@ -277,7 +296,10 @@ def main() -> None:
     memory = "peak GPU MiB" if gpu else "peak RSS MiB"
     peak = args.peak_tflops or (peak_tflops(gpu) if gpu else None)
     step_flops = 3 * forward_flops(args.arch, args.depth, args.size, args.batch)
-    print(f"{gpu or 'CPU'}; model training FLOPs per step (3 x forward): {step_flops / 1e12:.3f} TFLOP", flush=True)
+    print(
+        f"{gpu or 'CPU'}; model training FLOPs per step (3 x forward): {step_flops / 1e12:.3f} TFLOP",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="loralab-bench-") as tmp:
         base = prepare_base_dir(pathlib.Path(tmp) / "base")
         model = write_model(base, args.arch, args.depth)
@@ -292,14 +314,19 @@ def main() -> None:
                         client = server.client()
                         infos = {n: client.object_info(n)[n] for n in (node, "LoraModelLoader")}
                         kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model, batch=args.batch)
-                        run_one(client, node, infos, rss, steps=4, seed=999, evaluate=False, **kw)  # warm-up: model load, first calls
+                        run_one(
+                            client, node, infos, rss, steps=4, seed=999, evaluate=False, **kw
+                        )  # warm-up: model load, first calls
                         r = run_one(client, node, infos, rss, steps=args.steps, seed=pair, **kw)
                     r["peak_rss_mib"] = rss.peak_kib / 1024
                     r["train_rss_mib"] = rss.phase_peak_kib.get("3", 0) / 1024
                     rows[name].append(r)
-                    print(f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
-                          f"{memory} {r['peak_rss_mib']:7.0f} (training node {r['train_rss_mib']:5.0f})  "
-                          f"denoise loss {r['denoise_loss']:.4f}", flush=True)
+                    print(
+                        f"[{dtype}] pair {pair + 1} {name:8s} {r['steps_per_s']:7.2f} steps/s  "
+                        f"{memory} {r['peak_rss_mib']:7.0f} (training node {r['train_rss_mib']:5.0f})  "
+                        f"denoise loss {r['denoise_loss']:.4f}",
+                        flush=True,
+                    )
             print(f"\n{model}, {max(4, args.batch)} latents {args.size}x{args.size}, {dtype}, rank {args.rank}, "
                   f"batch {args.batch}, AdamW, lr {args.lr}, {args.steps} steps, gradient checkpointing on, "
                   f"{args.pairs} pairs (medians)")  # fmt: skip
@@ -313,8 +340,11 @@ def main() -> None:
                 print(f"{n:10s}{m['steps_per_s']:10.2f}{m['peak_rss_mib']:14.0f}{m['train_rss_mib']:13.0f}"
                       f"{m['denoise_loss']:14.4f}{achieved / 1e12:9.3f}{mfu}")  # fmt: skip
             o, b = med["ours"], med["built-in"]
-            print(f"{'ratio':10s}{o['steps_per_s'] / b['steps_per_s']:9.2f}x{o['peak_rss_mib'] / b['peak_rss_mib']:13.2f}x"
-                  f"{o['train_rss_mib'] / b['train_rss_mib']:12.2f}x{o['denoise_loss'] / b['denoise_loss']:13.2f}x\n", flush=True)
+            print(
+                f"{'ratio':10s}{o['steps_per_s'] / b['steps_per_s']:9.2f}x{o['peak_rss_mib'] / b['peak_rss_mib']:13.2f}x"
+                f"{o['train_rss_mib'] / b['train_rss_mib']:12.2f}x{o['denoise_loss'] / b['denoise_loss']:13.2f}x\n",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

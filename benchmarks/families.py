@@ -47,7 +47,13 @@ def saved_bytes(cm, patcher, samples, checkpointing: bool) -> int:
         return t
 
     x0 = samples[0].latent[None]
-    with cm.training_mode(), frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing), autograd_safe():
+    with (
+        cm.training_mode(),
+        frozen(net),
+        adapters.attached(net),
+        gradient_checkpointing(net, checkpointing),
+        autograd_safe(),
+    ):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             cm.make_predict_x0(patcher)(x0 * 0.5, torch.tensor([0.5]), samples[0].cond)
     return total[0]
@@ -71,8 +77,12 @@ def main() -> None:
     cm = train_mod.cm
     cpu = torch.device("cpu")
     version = fam.comfy_version()
-    print(f"ComfyUI {version}, torch {torch.__version__}, {os.cpu_count()} CPUs, {args.steps} steps, LoRA rank 4, fp32\n")
-    print("| family | ComfyUI class | params | loss before | after | after/before | steps/s | saved MiB ckpt off / on |")
+    print(
+        f"ComfyUI {version}, torch {torch.__version__}, {os.cpu_count()} CPUs, {args.steps} steps, LoRA rank 4, fp32\n"
+    )
+    print(
+        "| family | ComfyUI class | params | loss before | after | after/before | steps/s | saved MiB ckpt off / on |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.family or list(fam.FAMILIES):
         f = fam.FAMILIES[name]
@@ -84,13 +94,19 @@ def main() -> None:
         params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
 
         def loss_of(model, latents=latents, conditioning=conditioning):
-            comfy.model_management.load_models_gpu([model])  # applies the model's LoRA patches, as DenoiseLoss does
+            comfy.model_management.load_models_gpu(
+                [model]
+            )  # applies the model's LoRA patches, as DenoiseLoss does
             with cm.training_mode():
                 samples = cm.build_samples(model, [latents], [conditioning], cpu)
-                return evaluate_denoise_loss(cm.make_predict_x0(model), cm.objective_for(model), samples, cpu, 0, 8), samples
+                return evaluate_denoise_loss(
+                    cm.make_predict_x0(model), cm.objective_for(model), samples, cpu, 0, 8
+                ), samples
 
         before, samples = loss_of(patcher)
-        cfg = TrainConfig(steps=args.steps, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32")
+        cfg = TrainConfig(
+            steps=args.steps, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32"
+        )
         t0 = time.perf_counter()
         lora, _, _ = train_mod.train(patcher, [latents], [conditioning], cfg, "[None]", None, "loralab/bench")
         speed = args.steps / (time.perf_counter() - t0)

@@ -35,7 +35,10 @@ MIB = 2**20
 def memory_events(prof) -> list:
     """The CPU allocator's allocation (+bytes) and free (-bytes) records of a profile, in time order;
     kineto events (start_ns(), nbytes())."""
-    return sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    return sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
 
 
 def peak_allocated(prof) -> int:
@@ -72,7 +75,9 @@ def main() -> None:
 
     train_mod._memory_fit = spy
     models = {}
-    print("| case | dtype | plan: activations / adapters+grads+optimizer / added | measured peak added | plan / measured |")
+    print(
+        "| case | dtype | plan: activations / adapters+grads+optimizer / added | measured peak added | plan / measured |"
+    )
     print("|---|---|---|---|---|")
     for arch, depth, size, batch, ckpt in CASES[:2] if args.quick else CASES:
         key = (arch, depth)
@@ -96,13 +101,18 @@ def main() -> None:
             cfg = TrainConfig(steps=4, learning_rate=1e-3, training_dtype=dtype, lora_dtype=dtype, batch_size=batch,
                               gradient_checkpointing=ckpt)  # fmt: skip
             train_mod.train(model, latents, positive, cfg.replace(steps=2), "[None]", None, "x")  # warm-up
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            ) as prof:
                 train_mod.train(model, latents, positive, cfg, "[None]", None, "x")
             plan, measured = plans[-1], peak_allocated(prof)
             case = f"{name}, {size}×{size}, batch {batch}, checkpointing {'on' if ckpt else 'off'}"
             rest = plan.trainable + plan.gradients + plan.optimizer
-            print(f"| {case} | {dtype} | {plan.activations / MIB:.1f} / {rest / MIB:.1f} / {plan.added / MIB:.1f} MiB | "
-                  f"{measured / MIB:.1f} MiB | {plan.added / measured:.2f} |", flush=True)
+            print(
+                f"| {case} | {dtype} | {plan.activations / MIB:.1f} / {rest / MIB:.1f} / {plan.added / MIB:.1f} MiB | "
+                f"{measured / MIB:.1f} MiB | {plan.added / measured:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -48,12 +48,17 @@ def main() -> None:
             spans.append((start, time.perf_counter_ns()))
 
     preview_mod.Previewer.render = timed
-    print("| case | dtype | steps/s without / with previews | seconds per preview | peak tensor memory: training / preview |")
+    print(
+        "| case | dtype | steps/s without / with previews | seconds per preview | peak tensor memory: training / preview |"
+    )
     print("|---|---|---|---|---|")
     for arch, depth in (("sd3", 4), ("sd15mini", 0)):
         with tempfile.TemporaryDirectory() as tmp:
             path = pathlib.Path(tmp) / "m.safetensors"
-            save_file(sd15_mini_state_dict(0) if arch == "sd15mini" else mmdit_state_dict(depth, 64, 64, 32, 0), str(path))
+            save_file(
+                sd15_mini_state_dict(0) if arch == "sd15mini" else mmdit_state_dict(depth, 64, 64, 32, 0),
+                str(path),
+            )
             with torch.inference_mode():
                 model = comfy.sd.load_diffusion_model(str(path))
         if arch == "sd15mini":
@@ -75,13 +80,19 @@ def main() -> None:
             train_mod.train(model, latents, [positive], cfg, "[None]", None, "x")
             plain = 8 / (time.perf_counter() - t0)
             spans.clear()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            ) as prof:
                 t0 = time.perf_counter()
                 train_mod.train(model, latents, [positive], cfg, "[None]", None, "x", preview=settings)
                 total = time.perf_counter() - t0
             seconds = [(end - start) / 1e9 for start, end in spans]
             live = train_peak = preview_peak = 0
-            marks = [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events() if e.name() == "loralab_preview"]
+            marks = [
+                (e.start_ns(), e.end_ns())
+                for e in prof.profiler.kineto_results.events()
+                if e.name() == "loralab_preview"
+            ]
             for e in memory_events(prof):
                 live += e.nbytes()
                 inside = any(start <= e.start_ns() <= end for start, end in marks)
@@ -90,9 +101,12 @@ def main() -> None:
                 else:
                     train_peak = max(train_peak, live)
             with_previews = 8 / (total - sum(seconds))
-            print(f"| {name}, 32×32 latents | {dtype} | {plain:.2f} / {with_previews:.2f} | "
-                  f"{sum(seconds) / len(seconds):.2f} ({len(seconds)} previews) | "
-                  f"{train_peak / MIB:.0f} / {preview_peak / MIB:.0f} MiB |", flush=True)
+            print(
+                f"| {name}, 32×32 latents | {dtype} | {plain:.2f} / {with_previews:.2f} | "
+                f"{sum(seconds) / len(seconds):.2f} ({len(seconds)} previews) | "
+                f"{train_peak / MIB:.0f} / {preview_peak / MIB:.0f} MiB |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

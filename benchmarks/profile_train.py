@@ -33,7 +33,9 @@ def load_pack(comfy_dir: pathlib.Path = COMFY):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    spec = importlib.util.spec_from_file_location("loralab_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    spec = importlib.util.spec_from_file_location(
+        "loralab_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
     pack = importlib.util.module_from_spec(spec)
     sys.modules["loralab_pack"] = pack
     spec.loader.exec_module(pack)
@@ -70,7 +72,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "m.safetensors"
-        sd = sd15_mini_state_dict(0) if args.arch == "sd15mini" else mmdit_state_dict(args.depth, 64, 64, 32, 0)
+        sd = (
+            sd15_mini_state_dict(0)
+            if args.arch == "sd15mini"
+            else mmdit_state_dict(args.depth, 64, 64, 32, 0)
+        )
         save_file(sd, str(path))
         with torch.inference_mode():
             model = comfy.sd.load_diffusion_model(str(path))
@@ -91,7 +97,11 @@ def main() -> None:
     train_mod.train(model, latents, positive, cfg.replace(steps=3), "[None]", None, "x")  # warm-up
     prof = cProfile.Profile() if args.cprofile else None
     activities = [torch.profiler.ProfilerActivity.CPU]
-    tprof = torch.profiler.profile(activities=activities, record_shapes=args.shapes) if args.torch_profile else None
+    tprof = (
+        torch.profiler.profile(activities=activities, record_shapes=args.shapes)
+        if args.torch_profile
+        else None
+    )
     rss = RssSampler(os.getpid()).__enter__()
     start_kib = rss.read_kib()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -108,9 +118,11 @@ def main() -> None:
     dt = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     rss.__exit__(None, None, None)
-    print(f"{args.steps} steps in {dt:.2f} s: {args.steps / dt:.2f} steps/s (incl. set-up); "
-          f"RSS {start_kib / 1024:.0f} MiB before, peak {rss.peak_kib / 1024:.0f} MiB (+{(rss.peak_kib - start_kib) / 1024:.0f}); "
-          f"{faults / args.steps:.0f} minor page faults per step")
+    print(
+        f"{args.steps} steps in {dt:.2f} s: {args.steps / dt:.2f} steps/s (incl. set-up); "
+        f"RSS {start_kib / 1024:.0f} MiB before, peak {rss.peak_kib / 1024:.0f} MiB (+{(rss.peak_kib - start_kib) / 1024:.0f}); "
+        f"{faults / args.steps:.0f} minor page faults per step"
+    )
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
     if tprof:

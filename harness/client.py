@@ -110,8 +110,10 @@ class RunResult:
         if not self.error:
             return f"execution ended with status {self.status!r}"
         e = self.error
-        head = f"{e.get('node_type', '?')} (node {e.get('node_id', '?')}): " \
-               f"{e.get('exception_type', 'error')}: {e.get('exception_message', '').strip()}"
+        head = (
+            f"{e.get('node_type', '?')} (node {e.get('node_id', '?')}): "
+            f"{e.get('exception_type', 'error')}: {e.get('exception_message', '').strip()}"
+        )
         tb = e.get("traceback") or []
         if tb:
             head += "\n" + "".join(tb if isinstance(tb, list) else [str(tb)]).rstrip()
@@ -133,14 +135,17 @@ class ComfyClient:
         base_dir: pathlib.Path | None = None,
     ):
         self.base_url = base_url.rstrip("/")
-        self.base_dir = base_dir  # the server's base directory, when known (local servers the harness started)
+        self.base_dir = (
+            base_dir  # the server's base directory, when known (local servers the harness started)
+        )
         self.http_timeout = http_timeout
         self.client_id = client_id or uuid.uuid4().hex
 
     # ------------------------------------------------------------------ HTTP plumbing
 
-    def _request(self, method: str, path: str, payload: Any = None, timeout: float | None = None
-                 ) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, payload: Any = None, timeout: float | None = None
+    ) -> tuple[int, bytes]:
         url = self.base_url + path
         data = None
         headers = {"Accept": "application/json"}
@@ -165,8 +170,9 @@ class ComfyClient:
         try:
             return json.loads(body)
         except ValueError as e:
-            raise ComfyHTTPError(method, self.base_url + path, status,
-                                 "not JSON: " + body[:500].decode("utf-8", "replace")) from e
+            raise ComfyHTTPError(
+                method, self.base_url + path, status, "not JSON: " + body[:500].decode("utf-8", "replace")
+            ) from e
 
     def get_json(self, path: str, timeout: float | None = None) -> Any:
         return self._json("GET", path, timeout=timeout)
@@ -208,7 +214,9 @@ class ComfyClient:
         q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         status, body = self._request("GET", "/view?" + q)
         if status != 200:
-            raise ComfyHTTPError("GET", self.base_url + "/view?" + q, status, body[:500].decode("utf-8", "replace"))
+            raise ComfyHTTPError(
+                "GET", self.base_url + "/view?" + q, status, body[:500].decode("utf-8", "replace")
+            )
         return body
 
     def queue_prompt(
@@ -351,8 +359,11 @@ class ComfyClient:
             raise RunTimeout(f"prompt {prompt_id} did not finish within {timeout:.0f} s", prompt_id, events)
 
         etype, data = terminal
-        status = {"execution_success": "success", "execution_error": "error",
-                  "execution_interrupted": "interrupted"}.get(etype, "error")
+        status = {
+            "execution_success": "success",
+            "execution_error": "error",
+            "execution_interrupted": "interrupted",
+        }.get(etype, "error")
         history_timeout = max(10.0, deadline - time.monotonic())
         entry = self.wait_for_history(prompt_id, timeout=history_timeout)
         return RunResult(

@@ -109,7 +109,9 @@ def cuda_available(python: str | os.PathLike = sys.executable, timeout: float = 
                 }
                 cuda_build = builds.get("cuda", "None") not in ("None", "")
                 hip_build = builds.get("hip", "None") not in ("None", "")
-                gpu = (cuda_build and os.path.exists("/dev/nvidia0")) or (hip_build and os.path.exists("/dev/kfd"))
+                gpu = (cuda_build and os.path.exists("/dev/nvidia0")) or (
+                    hip_build and os.path.exists("/dev/kfd")
+                )
         except (OSError, subprocess.TimeoutExpired):
             gpu = False
         _CUDA_CACHE[key] = gpu
@@ -127,7 +129,9 @@ def _link(target: pathlib.Path, link: pathlib.Path) -> None:
     link.symlink_to(target, target_is_directory=target.is_dir())
 
 
-def write_stock_dataset(base_dir: str | os.PathLike, folder: str, latents: list, conditioning: list) -> pathlib.Path:
+def write_stock_dataset(
+    base_dir: str | os.PathLike, folder: str, latents: list, conditioning: list
+) -> pathlib.Path:
     """A dataset that stock ``LoadTrainingDataset`` reads, in every layout it has used: one shard
     (``shard_0000.pkl``, torch.save of {"latents": [LATENT, ...], "conditioning": [CONDITIONING, ...]},
     loaded with weights_only=True) under ``output/<folder>`` (ComfyUI 0.3.x) and under

@@ -226,8 +226,14 @@ def _parse_links(raw_links: Any) -> dict[int, _Link]:
                 raw.get("type"),
             )
         elif isinstance(raw, (list, tuple)) and len(raw) >= 5:
-            link = _Link(int(raw[0]), str(raw[1]), int(raw[2]), str(raw[3]), int(raw[4]),
-                         raw[5] if len(raw) > 5 else None)
+            link = _Link(
+                int(raw[0]),
+                str(raw[1]),
+                int(raw[2]),
+                str(raw[3]),
+                int(raw[4]),
+                raw[5] if len(raw) > 5 else None,
+            )
         else:
             raise ValueError(f"malformed link entry: {raw!r}")
         links[link.id] = link
@@ -311,8 +317,9 @@ def _display_title(node: dict, class_info: dict | None) -> str:
     return str(node.get("type"))
 
 
-def _widget_values_by_name(node: dict, class_info: dict, widget_types: frozenset[str],
-                           strict: bool) -> dict[str, Any]:
+def _widget_values_by_name(
+    node: dict, class_info: dict, widget_types: frozenset[str], strict: bool
+) -> dict[str, Any]:
     """Map each widget input name of ``node`` to its stored value."""
     inputs = _class_inputs(class_info)
     by_name = {i.name: i for i in inputs}
@@ -364,8 +371,10 @@ def ui_to_api(
     ``object_info`` raises ``ValueError`` naming it.
     """
     if not isinstance(ui_workflow, dict) or "nodes" not in ui_workflow:
-        if isinstance(ui_workflow, dict) and ui_workflow and all(
-            isinstance(v, dict) and "class_type" in v for v in ui_workflow.values()
+        if (
+            isinstance(ui_workflow, dict)
+            and ui_workflow
+            and all(isinstance(v, dict) and "class_type" in v for v in ui_workflow.values())
         ):
             raise ValueError("this workflow is already in the API format")
         raise ValueError("not a UI-format workflow: no 'nodes' list")

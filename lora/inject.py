@@ -194,7 +194,9 @@ def _make_hook(adapter: AdapterModule):
 # Every per-layer adapter suffix: what each algorithm writes, alpha, and the recognised-but-unsupported
 # variants (grouped with their layer so loading refuses them with a reason instead of ignoring them).
 ADAPTER_SUFFIXES = tuple(
-    dict.fromkeys((*(key for cls in ALGORITHMS.values() for key in cls.state_keys), ALPHA_KEY, *UNSUPPORTED_KEYS))
+    dict.fromkeys(
+        (*(key for cls in ALGORITHMS.values() for key in cls.state_keys), ALPHA_KEY, *UNSUPPORTED_KEYS)
+    )
 )
 # Full-size weight deltas (ComfyUI's built-in trainer writes them for norms and biases): not adapters.
 DELTA_SUFFIXES = ("diff", "diff_b", "set_weight")
@@ -307,7 +309,9 @@ def merge_split_layers(
         a = sd.get(f"{stem}.{ALPHA_KEY}")
         value = float(a) if a is not None and a.numel() == 1 else (alpha(stem) if alpha is not None else None)
         keys = [down_key, up_key] + ([f"{stem}.{ALPHA_KEY}"] if a is not None else [])
-        found.setdefault(path, []).append((rows, size, keys, down, up, (value if value is not None else rank) / rank))
+        found.setdefault(path, []).append(
+            (rows, size, keys, down, up, (value if value is not None else rank) / rank)
+        )
     out = dict(sd)
     for path, items in found.items():
         if f"{prefix}{path}.lora_up.weight" in sd or f"{prefix}{path}.lora_down.weight" in sd:
@@ -316,7 +320,9 @@ def merge_split_layers(
         ends = [0] + [rows[1] for rows, *_ in items]
         if any(rows[0] < ends[i] for i, (rows, *_) in enumerate(items)) or ends[-1] > items[0][1]:
             continue  # overlapping parts, or rows beyond the layer
-        shared = all(item[3].shape == items[0][3].shape and torch.equal(item[3], items[0][3]) for item in items)
+        shared = all(
+            item[3].shape == items[0][3].shape and torch.equal(item[3], items[0][3]) for item in items
+        )
         downs = [items[0][3]] if shared else [item[3] for item in items]
         rank = sum(d.shape[0] for d in downs)
         dtype = items[0][4].dtype
@@ -367,7 +373,7 @@ def convert_key_format(
 
 
 def _split_key(key: str, prefix: str, suffixes: Sequence[str]) -> tuple[str | None, str]:
-    """"<prefix><path>.<suffix>" -> (path, suffix); (None, "") for a key of another shape."""
+    """ "<prefix><path>.<suffix>" -> (path, suffix); (None, "") for a key of another shape."""
     if key.startswith(prefix):
         for suffix in suffixes:
             if key.endswith("." + suffix):
@@ -414,14 +420,18 @@ def to_peft_names(
     for path, group in groups.items():
         down, up = group.get("lora_down.weight"), group.get("lora_up.weight")
         if down is None or up is None:
-            raise ValueError(f"key_format: layer {path} lacks lora_down or lora_up; it cannot be written for diffusers")
+            raise ValueError(
+                f"key_format: layer {path} lacks lora_down or lora_up; it cannot be written for diffusers"
+            )
         rank = down.shape[0]
         alpha = float(group[ALPHA_KEY]) if ALPHA_KEY in group else float(rank)
         if alpha != rank:
             up = (up.float() * (alpha / rank)).to(up.dtype)
         parts = names.get(path) or [(prefix + path, None)]
         for i, (name, rows) in enumerate(parts):
-            out[f"{name}.lora_A.weight"] = down if i == 0 else down.clone()  # safetensors refuses shared storage
+            out[f"{name}.lora_A.weight"] = (
+                down if i == 0 else down.clone()
+            )  # safetensors refuses shared storage
             out[f"{name}.lora_B.weight"] = (up if rows is None else up[rows[0] : rows[1]]).contiguous()
             component, _, module = name.partition(".")
             if component in ("unet", "transformer"):

@@ -40,13 +40,17 @@ def detect_algorithm(keys: Iterable[str]) -> str | None:
     (keys of several algorithms mixed, or DoRA's ``dora_scale`` beside LoHa keys).
     """
     suffixes = {suffix for cls in ALGORITHMS.values() for suffix in cls.state_keys}
-    found = {suffix for key in keys if isinstance(key, str) for suffix in suffixes if _has_suffix(key, suffix)}
+    found = {
+        suffix for key in keys if isinstance(key, str) for suffix in suffixes if _has_suffix(key, suffix)
+    }
     if not found:
         return None
     fitting = [cls for cls in ALGORITHMS.values() if found <= set(cls.state_keys)]
     if not fitting:
         # each key named by the first algorithm that has it: LoRA's keys are LoRA's, not DoRA's
-        owners = list(dict.fromkeys(next(n for n, c in ALGORITHMS.items() if k in c.state_keys) for k in found))
+        owners = list(
+            dict.fromkeys(next(n for n, c in ALGORITHMS.items() if k in c.state_keys) for k in found)
+        )
         owners.sort(key=list(ALGORITHMS).index)
         raise ValueError(f"keys mix adapter algorithms {owners}; expected keys of a single algorithm")
     return min(fitting, key=lambda cls: len(cls.state_keys)).algorithm

@@ -14,9 +14,18 @@ from .preview import NODES as PREVIEW_NODES
 from .train import TrainLoraNode
 from .validation import NODES as VALIDATION_NODES
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [TrainLoraNode, TrainingOptions, *FILE_NODES, *APPLY_NODES, *PLOT_NODES,
-                                       LoadLatentDataset, DenoiseLoss,
-                                       LoadImageCaptionFolder, *PREVIEW_NODES, *VALIDATION_NODES]
+NODE_CLASSES: list[type[io.ComfyNode]] = [
+    TrainLoraNode,
+    TrainingOptions,
+    *FILE_NODES,
+    *APPLY_NODES,
+    *PLOT_NODES,
+    LoadLatentDataset,
+    DenoiseLoss,
+    LoadImageCaptionFolder,
+    *PREVIEW_NODES,
+    *VALIDATION_NODES,
+]
 
 
 class LoraLabExtension(ComfyExtension):

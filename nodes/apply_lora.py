@@ -32,12 +32,22 @@ class LoraLab_ApplyLora(io.ComfyNode):
                 "stock loaders skip) and the alpha peft keeps in a file's metadata."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to; it is not changed."),
+                io.Model.Input(
+                    "model", tooltip="The diffusion model to apply the adapter to; it is not changed."
+                ),
                 LORA_MODEL.Input("lora", tooltip="Adapter weights (LORA_MODEL)."),
-                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
-                               tooltip="Multiplier of the adapter's effect; negative values invert it."),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Multiplier of the adapter's effect; negative values invert it.",
+                ),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A copy of the model with the adapter applied.")],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A copy of the model with the adapter applied.")
+            ],
         )
 
     @classmethod
@@ -46,7 +56,9 @@ class LoraLab_ApplyLora(io.ComfyNode):
             return io.NodeOutput(model)
         import comfy.sd
 
-        return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, model_keys(model, lora), strength, 0)[0])
+        return io.NodeOutput(
+            comfy.sd.load_lora_for_models(model, None, model_keys(model, lora), strength, 0)[0]
+        )
 
 
 def for_model(model, lora: Mapping) -> LoraStateDict:

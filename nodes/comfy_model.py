@@ -26,7 +26,9 @@ def prediction_type(model_sampling) -> str:
     ComfyUI adds) trains in its network's raw output space, read off its own calculate_denoised."""
     ms = comfy.model_sampling
     # Order matters: EDM subclasses V_PREDICTION, X0 and V_PREDICTION subclass EPS.
-    if isinstance(model_sampling, getattr(ms, "EDM", ())) or isinstance(model_sampling, getattr(ms, "X0", ())):
+    if isinstance(model_sampling, getattr(ms, "EDM", ())) or isinstance(
+        model_sampling, getattr(ms, "X0", ())
+    ):
         return "raw"
     if isinstance(model_sampling, ms.V_PREDICTION):
         return "v"
@@ -57,7 +59,9 @@ def split_latents(latents: Sequence[dict]) -> list[torch.Tensor]:
             raise ValueError(f"latents: input {i + 1} is not a LATENT (a dict with 'samples')")
         samples = lat["samples"]
         if samples.ndim < 3:
-            raise ValueError(f"latents: input {i + 1} has shape {tuple(samples.shape)}; expected [batch, channels, ...]")
+            raise ValueError(
+                f"latents: input {i + 1} has shape {tuple(samples.shape)}; expected [batch, channels, ...]"
+            )
         images.extend(samples[j].clone() for j in range(samples.shape[0]))
     return images
 
@@ -73,12 +77,18 @@ def split_conditioning(positive: Sequence[list]) -> list[tuple[torch.Tensor, dic
             for j in range(n):
                 o = {}
                 for k, v in opts.items():
-                    o[k] = v[j : j + 1].clone() if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n and n > 1 else v
+                    o[k] = (
+                        v[j : j + 1].clone()
+                        if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n and n > 1
+                        else v
+                    )
                 out.append((ctx[j : j + 1].clone(), o))
     return out
 
 
-def pair_up(images: list[torch.Tensor], conds: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+def pair_up(
+    images: list[torch.Tensor], conds: list[tuple[torch.Tensor, dict]]
+) -> list[tuple[torch.Tensor, dict]]:
     if not images:
         raise ValueError("latents: the latent batch is empty; give at least one latent image")
     if len(conds) == 1:
@@ -91,7 +101,9 @@ def pair_up(images: list[torch.Tensor], conds: list[tuple[torch.Tensor, dict]]) 
     return conds
 
 
-def build_samples(patcher, latents: Sequence[dict], positive: Sequence[list], device: torch.device) -> list[Sample]:
+def build_samples(
+    patcher, latents: Sequence[dict], positive: Sequence[list], device: torch.device
+) -> list[Sample]:
     """Latents into the model's space and conditioning into model kwargs, once, before the loop."""
     base = patcher.model
     images = split_latents(latents)
@@ -100,14 +112,21 @@ def build_samples(patcher, latents: Sequence[dict], positive: Sequence[list], de
     for i, (img, (ctx, opts)) in enumerate(zip(images, conds, strict=True)):
         if not torch.isfinite(img).all():
             raise ValueError(f"latents: image {i + 1} contains NaN or inf values")
-        bad = [k for k, v in [("context", ctx), *opts.items()] if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [
+            k
+            for k, v in [("context", ctx), *opts.items()]
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         if bad:
             raise ValueError(f"positive: conditioning {i + 1} has NaN or inf values in {', '.join(bad)}")
         x0 = base.process_latent_in(img[None].float()).to(device)
         params = {k: v for k, v in opts.items()}
         params.update(cross_attn=ctx.to(device), device=device, noise=x0, latent_image=x0)
         model_conds = base.extra_conds(**params)
-        cond = {key: _owned(c.process_cond(batch_size=1, device=device, area=None).cond) for key, c in model_conds.items()}
+        cond = {
+            key: _owned(c.process_cond(batch_size=1, device=device, area=None).cond)
+            for key, c in model_conds.items()
+        }
         samples.append(Sample(x0[0].detach().clone(), cond))
     return samples
 
@@ -242,7 +261,11 @@ def diffusers_names(
     for path in targets:
         split = sorted(parts.get(path, []), key=lambda item: item[1])
         ends = [0] + [end for _, (_, end) in split]
-        if split and all(start == ends[i] for i, (_, (start, _)) in enumerate(split)) and ends[-1] == targets[path][0][0]:
+        if (
+            split
+            and all(start == ends[i] for i, (_, (start, _)) in enumerate(split))
+            and ends[-1] == targets[path][0][0]
+        ):
             out[path] = list(split)
         elif path in whole:
             out[path] = [(whole[path], None)]
@@ -288,7 +311,9 @@ def in_place_writes(patcher, sample: Sample, device: torch.device) -> str:
     op that autograd cannot train through), found by one forward pass without grad on ``sample``:
     the op's name, or "" (most models)."""
     x0, cond = collate([sample], [0], device)
-    sigma = torch.tensor([float(patcher.get_model_object("model_sampling").percent_to_sigma(0.5))], device=device)
+    sigma = torch.tensor(
+        [float(patcher.get_model_object("model_sampling").percent_to_sigma(0.5))], device=device
+    )
     predict = make_predict_x0(patcher)
     floating = [t for t in (x0, *cond.values()) if torch.is_tensor(t) and t.is_floating_point()]
     return writes_into_used_tensors(lambda: predict(x0, sigma, cond), floating)

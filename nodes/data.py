@@ -78,12 +78,17 @@ class LoadLatentDataset(io.ComfyNode):
             description="Reads a .safetensors file from the input folder holding 'latents' [N, C, H, W], "
             "'context' [N, T, D] and optionally 'pooled' [N, P].",
             inputs=[
-                io.Combo.Input("dataset", options=_dataset_files(),
-                               tooltip="A .safetensors file in ComfyUI's input folder (links that lead outside it are not listed)."),
+                io.Combo.Input(
+                    "dataset",
+                    options=_dataset_files(),
+                    tooltip="A .safetensors file in ComfyUI's input folder (links that lead outside it are not listed).",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="All N latents as one batch."),
-                io.Conditioning.Output(display_name="positive", tooltip="One conditioning with batch N (one entry per latent)."),
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="One conditioning with batch N (one entry per latent)."
+                ),
             ],
         )
 
@@ -107,7 +112,9 @@ class LoadLatentDataset(io.ComfyNode):
                 raise ValueError(f"dataset: {dataset!r} has no {key!r} tensor (keys: {sorted(data)[:20]})")
         latents, context = data["latents"].float(), data["context"].float()
         if context.shape[0] != latents.shape[0]:
-            raise ValueError(f"dataset: {dataset!r} has {latents.shape[0]} latents but {context.shape[0]} contexts")
+            raise ValueError(
+                f"dataset: {dataset!r} has {latents.shape[0]} latents but {context.shape[0]} contexts"
+            )
         opts = {"pooled_output": data["pooled"].float()} if "pooled" in data else {}
         return io.NodeOutput({"samples": latents}, [[context, opts]])
 
@@ -128,10 +135,20 @@ class DenoiseLoss(io.ComfyNode):
                 io.Model.Input("model", tooltip="Model to measure (e.g. model_with_lora)."),
                 io.Latent.Input("latents", tooltip="Latents to denoise."),
                 io.Conditioning.Input("positive", tooltip="One conditioning per latent, or one for all."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the fixed noise."),
-                io.Int.Input("levels", default=8, min=1, max=1000, tooltip="Noise levels, evenly spaced over the schedule."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the fixed noise."
+                ),
+                io.Int.Input(
+                    "levels",
+                    default=8,
+                    min=1,
+                    max=1000,
+                    tooltip="Noise levels, evenly spaced over the schedule.",
+                ),
             ],
-            outputs=[io.Float.Output(display_name="loss", tooltip="Mean MSE in the model family's target space.")],
+            outputs=[
+                io.Float.Output(display_name="loss", tooltip="Mean MSE in the model family's target space.")
+            ],
         )
 
     @classmethod
@@ -141,5 +158,7 @@ class DenoiseLoss(io.ComfyNode):
         device = patcher.load_device
         with torch.inference_mode(False):
             samples = cm.build_samples(patcher, latents, positive, device)
-            value = evaluate_denoise_loss(cm.make_predict_x0(patcher), cm.objective_for(patcher), samples, device, seed, levels)
+            value = evaluate_denoise_loss(
+                cm.make_predict_x0(patcher), cm.objective_for(patcher), samples, device, seed, levels
+            )
         return io.NodeOutput(value, ui={"text": [f"{value:.6f}"], "loss": [value]})

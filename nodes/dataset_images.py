@@ -38,25 +38,49 @@ class LoadImageCaptionFolder(io.ComfyNode):
             "the caption from '<name><caption_extension>' next to it. Outputs are lists: nodes downstream "
             "(VAE Encode, CLIP Text Encode) run once per image, and Train LoRA takes the lists.",
             inputs=[
-                io.String.Input("folder", default="loralab_images", multiline=False,
-                                tooltip="A folder inside ComfyUI's input directory (relative path; '..' and absolute paths are refused) "
-                                f"holding the images ({', '.join(IMAGE_EXTENSIONS)}) and their caption files. Limits: "
-                                f"{MAX_IMAGES} images, {MAX_IMAGE_PIXELS // 1_000_000} Mpx and aspect {MAX_ASPECT_RATIO:g}:1 per image, "
-                                f"{MAX_CAPTION_BYTES // 1024} KiB per caption; links are refused."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
-                             tooltip="Target size: each image keeps its aspect ratio, is scaled to about resolution x resolution "
-                             "pixels in area with both sides rounded to multiples of 64, and center-cropped to that size "
-                             "(512 for SD1.5, 1024 for SDXL / SD3 / Flux)."),
-                io.String.Input("caption_extension", default=".txt", multiline=False,
-                                tooltip="Extension of the caption files: 'cat.png' takes its caption from 'cat.txt'."),
-                io.String.Input("default_caption", default="", multiline=True,
-                                tooltip="Caption of images that have no caption file (e.g. a trigger word)."),
+                io.String.Input(
+                    "folder",
+                    default="loralab_images",
+                    multiline=False,
+                    tooltip="A folder inside ComfyUI's input directory (relative path; '..' and absolute paths are refused) "
+                    f"holding the images ({', '.join(IMAGE_EXTENSIONS)}) and their caption files. Limits: "
+                    f"{MAX_IMAGES} images, {MAX_IMAGE_PIXELS // 1_000_000} Mpx and aspect {MAX_ASPECT_RATIO:g}:1 per image, "
+                    f"{MAX_CAPTION_BYTES // 1024} KiB per caption; links are refused.",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    tooltip="Target size: each image keeps its aspect ratio, is scaled to about resolution x resolution "
+                    "pixels in area with both sides rounded to multiples of 64, and center-cropped to that size "
+                    "(512 for SD1.5, 1024 for SDXL / SD3 / Flux).",
+                ),
+                io.String.Input(
+                    "caption_extension",
+                    default=".txt",
+                    multiline=False,
+                    tooltip="Extension of the caption files: 'cat.png' takes its caption from 'cat.txt'.",
+                ),
+                io.String.Input(
+                    "default_caption",
+                    default="",
+                    multiline=True,
+                    tooltip="Caption of images that have no caption file (e.g. a trigger word).",
+                ),
             ],
             outputs=[
-                io.Image.Output(display_name="images", is_output_list=True,
-                                tooltip="One IMAGE [1, H, W, 3] per file; sizes may differ between images."),
-                io.String.Output(display_name="captions", is_output_list=True,
-                                 tooltip="One caption per image, in the same order."),
+                io.Image.Output(
+                    display_name="images",
+                    is_output_list=True,
+                    tooltip="One IMAGE [1, H, W, 3] per file; sizes may differ between images.",
+                ),
+                io.String.Output(
+                    display_name="captions",
+                    is_output_list=True,
+                    tooltip="One caption per image, in the same order.",
+                ),
             ],
         )
 
@@ -77,12 +101,18 @@ class LoadImageCaptionFolder(io.ComfyNode):
         """Re-run when the folder's files change (names, sizes or modification times)."""
         try:
             path = _folder_path(folder)
-            return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+            return tuple(
+                sorted(
+                    (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()
+                )
+            )
         except (ValueError, OSError, TypeError):
             return float("nan")  # never equal: run again, and let execute report the problem
 
     @classmethod
-    def execute(cls, folder: str, resolution: int, caption_extension: str, default_caption: str) -> io.NodeOutput:
+    def execute(
+        cls, folder: str, resolution: int, caption_extension: str, default_caption: str
+    ) -> io.NodeOutput:
         images, captions = load_folder(
             _folder_path(folder), resolution, caption_extension, default_caption, name="folder",
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,

@@ -81,8 +81,15 @@ def send_preview(node_id, step: int, names: list[str]) -> None:
     server = _server()
     if server is None:
         return
-    images = [{"filename": os.path.basename(n), "subfolder": os.path.dirname(n), "type": "output"} for n in names]
-    payload = {"node": node_id, "prompt_id": getattr(server, "last_prompt_id", None), "step": step, "images": images}
+    images = [
+        {"filename": os.path.basename(n), "subfolder": os.path.dirname(n), "type": "output"} for n in names
+    ]
+    payload = {
+        "node": node_id,
+        "prompt_id": getattr(server, "last_prompt_id", None),
+        "step": step,
+        "images": images,
+    }
     server.send_sync(PREVIEW_EVENT, payload, server.client_id)
 
 

@@ -49,6 +49,7 @@ def write_new_png(img, target: Path, pnginfo: PngInfo | None) -> bool:
     A write that fails leaves nothing behind."""
     return create_exclusive(target, lambda f: img.save(f, format="PNG", pnginfo=pnginfo, compress_level=4))
 
+
 def loras_root() -> Path:
     folders = folder_paths.get_folder_paths("loras")
     if not folders:

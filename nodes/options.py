@@ -56,12 +56,22 @@ class TrainingOptions(io.ComfyNode):
             description="Schedules, regularisation, target layers, noise sampling and checkpoints for Train LoRA (LoRA Lab).",
             inputs=[
                 *(widget(option) for option in node_options("options")),
-                io.Custom(PREVIEW_TYPE).Input("preview", optional=True,
-                                              tooltip="Optional: sample previews during training (Preview Settings (LoRA Lab))."),
-                io.Custom(VALIDATION_TYPE).Input("validation", optional=True,
-                                                 tooltip="Optional: a held-out set whose loss is measured while training (Validation Set (LoRA Lab))."),
+                io.Custom(PREVIEW_TYPE).Input(
+                    "preview",
+                    optional=True,
+                    tooltip="Optional: sample previews during training (Preview Settings (LoRA Lab)).",
+                ),
+                io.Custom(VALIDATION_TYPE).Input(
+                    "validation",
+                    optional=True,
+                    tooltip="Optional: a held-out set whose loss is measured while training (Validation Set (LoRA Lab)).",
+                ),
             ],
-            outputs=[io.Custom(OPTIONS_TYPE).Output(display_name="options", tooltip="Connect to the options input of Train LoRA (LoRA Lab).")],
+            outputs=[
+                io.Custom(OPTIONS_TYPE).Output(
+                    display_name="options", tooltip="Connect to the options input of Train LoRA (LoRA Lab)."
+                )
+            ],
         )
 
     @classmethod
@@ -76,10 +86,17 @@ class TrainingOptions(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, alpha: float, include: str, exclude: str, preview=None, validation=None, **kwargs) -> io.NodeOutput:
+    def execute(
+        cls, alpha: float, include: str, exclude: str, preview=None, validation=None, **kwargs
+    ) -> io.NodeOutput:
         # 0 means alpha = rank; anything else (NaN included, which "alpha > 0" would turn into None) goes to
         # TrainConfig, which refuses what is not a positive finite number, naming alpha.
-        options = dict(kwargs, alpha=None if alpha == 0 else alpha, include=_patterns(include), exclude=_patterns(exclude))
+        options = dict(
+            kwargs,
+            alpha=None if alpha == 0 else alpha,
+            include=_patterns(include),
+            exclude=_patterns(exclude),
+        )
         prefix = options.pop("checkpoint_prefix")
         safe_prefix(prefix, "checkpoint_prefix")  # a linked prefix was not checked at queue time
         # Built here, so a bad value or combination fails at the options node.

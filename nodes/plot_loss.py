@@ -61,7 +61,10 @@ class LoraLab_PlotLoss(io.ComfyNode):
         values = [float(v) for v in (values or [])]
         held_out = []
         if isinstance(loss, Mapping) and loss.get("validation_loss") is not None:  # LoRA Lab's Validation Set
-            held_out = [(float(st), float(v)) for st, v in zip(loss.get("validation_step") or [], loss["validation_loss"], strict=False)]
+            held_out = [
+                (float(st), float(v))
+                for st, v in zip(loss.get("validation_step") or [], loss["validation_loss"], strict=False)
+            ]
         img = render_loss_plot(values, validation=held_out)
 
         prefix = safe_prefix(filename_prefix)

@@ -79,21 +79,75 @@ class LoraLab_PreviewSettings(io.ComfyNode):
             ),
             inputs=[
                 io.Conditioning.Input("positive", tooltip="The preview prompt (CLIP Text Encode)."),
-                io.Int.Input("every_n_steps", default=50, min=0, max=100000,
-                             tooltip="A preview every N optimizer steps, plus before the first and after the last step; 0: only those two."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed: the same for every preview, so they compare."),
+                io.Int.Input(
+                    "every_n_steps",
+                    default=50,
+                    min=0,
+                    max=100000,
+                    tooltip="A preview every N optimizer steps, plus before the first and after the last step; 0: only those two.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    tooltip="Noise seed: the same for every preview, so they compare.",
+                ),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance (1.0: the negative prompt is not used)."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple"),
-                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Image width in pixels (an empty latent of width / 8)."),
-                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."),
-                io.Float.Input("lora_strength", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="Strength the LoRA is applied with."),
-                io.String.Input("filename_prefix", default="loralab/previews", tooltip="Folder / prefix in the output folder: <prefix>/step_<N>_<i>.png."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Optional negative prompt; without one, the positive zeroed out."),
-                io.Vae.Input("vae", optional=True, tooltip="Optional VAE to decode previews; without one, ComfyUI's latent-to-RGB preview."),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Classifier-free guidance (1.0: the negative prompt is not used).",
+                ),
+                io.Combo.Input(
+                    "sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"
+                ),
+                io.Combo.Input(
+                    "scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple"
+                ),
+                io.Int.Input(
+                    "width",
+                    default=512,
+                    min=16,
+                    max=16384,
+                    step=8,
+                    tooltip="Image width in pixels (an empty latent of width / 8).",
+                ),
+                io.Int.Input(
+                    "height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."
+                ),
+                io.Float.Input(
+                    "lora_strength",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Strength the LoRA is applied with.",
+                ),
+                io.String.Input(
+                    "filename_prefix",
+                    default="loralab/previews",
+                    tooltip="Folder / prefix in the output folder: <prefix>/step_<N>_<i>.png.",
+                ),
+                io.Conditioning.Input(
+                    "negative",
+                    optional=True,
+                    tooltip="Optional negative prompt; without one, the positive zeroed out.",
+                ),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Optional VAE to decode previews; without one, ComfyUI's latent-to-RGB preview.",
+                ),
             ],
-            outputs=[io.Custom(PREVIEW_TYPE).Output(display_name="preview", tooltip="Connect to Training Options' preview input.")],
+            outputs=[
+                io.Custom(PREVIEW_TYPE).Output(
+                    display_name="preview", tooltip="Connect to Training Options' preview input."
+                )
+            ],
         )
 
     @classmethod
@@ -165,7 +219,9 @@ def latent_to_rgb(model, samples: torch.Tensor) -> list[Image.Image]:
 class Previewer:
     """Renders the previews of one training run (see the module doc)."""
 
-    def __init__(self, settings: PreviewSettings, model, node_id=None, prompt: Mapping | None = None, show=None):
+    def __init__(
+        self, settings: PreviewSettings, model, node_id=None, prompt: Mapping | None = None, show=None
+    ):
         self.settings, self.model, self.node_id, self.prompt = settings, model, node_id, prompt
         self.show = show  # show(PIL image): the image on the trainer node (its progress preview)
         self.seconds = 0.0  # time spent in previews (kept out of steps/s)
@@ -186,7 +242,11 @@ class Previewer:
 
             nodes_mod = comfy_nodes()
             with torch.inference_mode():
-                model = comfy.sd.load_lora_for_models(self.model, None, lora, s.lora_strength, 0)[0] if lora else self.model
+                model = (
+                    comfy.sd.load_lora_for_models(self.model, None, lora, s.lora_strength, 0)[0]
+                    if lora
+                    else self.model
+                )
                 latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, 1)[0]
                 negative = s.negative if s.negative is not None else _zero_out(s.positive)
                 out = nodes_mod.common_ksampler(model, s.seed, s.steps, s.cfg, s.sampler_name, s.scheduler, s.positive,
@@ -195,7 +255,10 @@ class Previewer:
                 if s.vae is not None:
                     decoded = s.vae.decode(out)
                     decoded = decoded.reshape(-1, *decoded.shape[-3:])
-                    pil = [Image.fromarray(np.clip(255.0 * d.float().cpu().numpy(), 0, 255).astype(np.uint8)) for d in decoded]
+                    pil = [
+                        Image.fromarray(np.clip(255.0 * d.float().cpu().numpy(), 0, 255).astype(np.uint8))
+                        for d in decoded
+                    ]
                 else:
                     pil = latent_to_rgb(model, out)
             names = [self._save(img, step, i) for i, img in enumerate(pil)]

@@ -82,19 +82,40 @@ class TrainLoraNode(io.ComfyNode):
             description="Train a LoRA, LoHa, LoKr, OFT or DoRA adapter on a diffusion model from latents and conditioning.",
             is_input_list=True,
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to train the adapter on. It is not changed."),
-                io.Latent.Input("latents", tooltip="Training images as latents: one batch, or several LATENT inputs (sizes may differ)."),
-                io.Conditioning.Input("positive", tooltip="One conditioning per latent image, or one used for all of them."),
+                io.Model.Input(
+                    "model", tooltip="The diffusion model to train the adapter on. It is not changed."
+                ),
+                io.Latent.Input(
+                    "latents",
+                    tooltip="Training images as latents: one batch, or several LATENT inputs (sizes may differ).",
+                ),
+                io.Conditioning.Input(
+                    "positive", tooltip="One conditioning per latent image, or one used for all of them."
+                ),
                 *(widget(option) for option in node_options("train")),
-                io.Combo.Input("existing_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")], default=NO_LORA,
-                               tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one."),
-                io.Custom(OPTIONS_TYPE).Input("options", optional=True,
-                                              tooltip="Optional: schedules, targets, noise sampling, checkpoints (Training Options (LoRA Lab))."),
+                io.Combo.Input(
+                    "existing_lora",
+                    options=[NO_LORA, *folder_paths.get_filename_list("loras")],
+                    default=NO_LORA,
+                    tooltip="Continue training a LoRA file from the loras folder; [None] starts a new one.",
+                ),
+                io.Custom(OPTIONS_TYPE).Input(
+                    "options",
+                    optional=True,
+                    tooltip="Optional: schedules, targets, noise sampling, checkpoints (Training Options (LoRA Lab)).",
+                ),
             ],
             outputs=[
-                io.Model.Output(display_name="model_with_lora", tooltip="The input model with the trained adapter applied."),
-                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The adapter weights (save them with a Save LoRA node)."),
-                io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="{'loss': [one value per optimizer step]}"),
+                io.Model.Output(
+                    display_name="model_with_lora",
+                    tooltip="The input model with the trained adapter applied.",
+                ),
+                io.Custom("LORA_MODEL").Output(
+                    display_name="lora", tooltip="The adapter weights (save them with a Save LoRA node)."
+                ),
+                io.Custom("LOSS_MAP").Output(
+                    display_name="loss", tooltip="{'loss': [one value per optimizer step]}"
+                ),
                 io.Int.Output(display_name="steps", tooltip="Total steps, including those of existing_lora."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -137,9 +158,14 @@ def train(
     validation: measure a held-out set's loss at those points (nodes/validation.py), written into
     validation_out as {"validation_loss": [...], "validation_step": [...]}."""
     loras_folder = loras_root()
-    prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")  # a bad prefix fails before any training work
+    prefix_location(
+        loras_folder, checkpoint_prefix, "checkpoint_prefix"
+    )  # a bad prefix fails before any training work
     patcher = model.clone()
-    with cm.training_mode(), contextlib.ExitStack() as cleanup:  # tensors read here must be normal ones: autograd and optimizer use them
+    with (
+        cm.training_mode(),
+        contextlib.ExitStack() as cleanup,
+    ):  # tensors read here must be normal ones: autograd and optimizer use them
         family = type(patcher.model.model_config).__name__
         keys = cm.key_targets(patcher)  # ComfyUI's LoRA key map, read once
         key_names = cm.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
@@ -147,10 +173,15 @@ def train(
                  if existing and existing != NO_LORA else _Start())  # fmt: skip
         config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
-        targets = find_targets(diffusion, target_patterns(config.targets, config.include),
-                               target_excludes(config.targets, config.include, config.exclude))
+        targets = find_targets(
+            diffusion,
+            target_patterns(config.targets, config.include),
+            target_excludes(config.targets, config.include, config.exclude),
+        )
         if not targets:
-            raise ValueError("options: the targets / include / exclude patterns match no Linear or Conv layer of this model")
+            raise ValueError(
+                "options: the targets / include / exclude patterns match no Linear or Conv layer of this model"
+            )
         device = patcher.load_device
         gen = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
         adapters = AdapterSet.create(targets, config.algorithm, config.rank, config.alpha, gen, device=device)
@@ -167,15 +198,28 @@ def train(
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
         predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
         blocks = repeated_blocks(diffusion)
-        offload = _offload(blocks[: config.offload_blocks], patcher, config, cleanup) if config.offload_blocks > 0 else None
-        frees = torch.device(patcher.offload_device) != torch.device(device)  # on a CPU offloading frees nothing
+        offload = (
+            _offload(blocks[: config.offload_blocks], patcher, config, cleanup)
+            if config.offload_blocks > 0
+            else None
+        )
+        frees = torch.device(patcher.offload_device) != torch.device(
+            device
+        )  # on a CPU offloading frees nothing
         auto = config.offload_blocks == -1 and frees
         fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place),
                           offload_bytes(blocks) if auto else ())  # fmt: skip
         if not fit.fits and auto and fit.offload_needed:
             offload = _offload(blocks[: fit.offload_needed], patcher, config, cleanup)
-            fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place))
-        log.info("LoRA Lab: memory plan: %s; %s has %d MiB free for it", fit.plan.describe(), fit.where, fit.available // MIB)
+            fit = _memory_fit(
+                diffusion, predict, objective, adapters, samples, config, device, bool(in_place)
+            )
+        log.info(
+            "LoRA Lab: memory plan: %s; %s has %d MiB free for it",
+            fit.plan.describe(),
+            fit.where,
+            fit.available // MIB,
+        )
         if not fit.fits:
             raise _over_budget(fit)
         writer = _Writer(adapters, carried, config, family, len(samples),
@@ -209,8 +253,12 @@ def train(
             step = start.step + info.step
             if validator is not None and validator.due(step, total_steps):
                 validator.run(step)
-            away = (previewer.seconds - outside if previewer is not None else 0.0) + (validator.seconds if validator else 0.0)
-            info = dataclasses.replace(info, elapsed=info.elapsed - away)  # previews / validation are not training time
+            away = (previewer.seconds - outside if previewer is not None else 0.0) + (
+                validator.seconds if validator else 0.0
+            )
+            info = dataclasses.replace(
+                info, elapsed=info.elapsed - away
+            )  # previews / validation are not training time
             bar.update(info, validator.take_unsent() if validator is not None else None)
             if previewer is not None and previewer.due(step, total_steps):
                 preview_at(step, info.loss, running=True)
@@ -247,7 +295,9 @@ def train(
     total = start.step + config.steps
     if validator is not None and validation_out is not None:
         validation_out.update(validation_loss=list(validator.losses), validation_step=list(validator.steps))
-    if previewer is not None and previewer.due(total, total):  # the last step, where the loop did not get to it
+    if previewer is not None and previewer.due(
+        total, total
+    ):  # the last step, where the loop did not get to it
         with cm.training_mode():
             preview_at(total, result.losses[-1], running=False)
     return writer.lora(total, result.losses[-1]), result.losses, total
@@ -311,7 +361,9 @@ def _memory_fit(diffusion, predict, objective, adapters: AdapterSet, samples, co
             available, where = min(available, int(float(cap) * MIB)), "LORALAB_TRAINING_MEMORY_MIB"
         except ValueError:
             log.warning("LoRA Lab: LORALAB_TRAINING_MEMORY_MIB=%r is not a number; ignoring it", cap)
-    linears = [m.weight for m in diffusion.modules() if isinstance(m, torch.nn.Linear) and m.weight is not None]
+    linears = [
+        m.weight for m in diffusion.modules() if isinstance(m, torch.nn.Linear) and m.weight is not None
+    ]
     fp8_savings = sum(w.numel() * (w.element_size() - 1) for w in linears if w.element_size() > 1)
     return check_fit(module_bytes(diffusion), sum(p.numel() for p in params), config.optimizer, profile,
                      config.batch_size, config.gradient_checkpointing and not in_place, available, where,
@@ -325,8 +377,12 @@ def _over_budget(fit: Fit) -> MemoryError:
     return MemoryError(
         f"model: this run needs {fit.plan.describe()}, but {fit.where} has {fit.available / MIB:.0f} MiB free for it; "
         "training did not start and nothing changed. "
-        + (f"Settings that fit: {changes}." if changes else "No single change of batch_size, gradient_checkpointing, "
-           "training_dtype, offload_blocks or an fp8 base fits: train on smaller images or free memory first.")  # fmt: skip
+        + (
+            f"Settings that fit: {changes}."
+            if changes
+            else "No single change of batch_size, gradient_checkpointing, "
+            "training_dtype, offload_blocks or an fp8 base fits: train on smaller images or free memory first."
+        )  # fmt: skip
     )
 
 
@@ -347,7 +403,9 @@ def _memory_in_use(device: torch.device) -> str:
         return "memory in use unknown"
 
 
-def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torch.device, samples) -> TrainingOutOfMemory:
+def _out_of_memory(
+    error: TrainingOutOfMemory, config: TrainConfig, device: torch.device, samples
+) -> TrainingOutOfMemory:
     """The allocator's refusal as a message that says where it happened, what holds the memory and
     the settings that lower the peak, cheapest first; the step's memory is handed back first."""
     gc.collect()
@@ -355,7 +413,9 @@ def _out_of_memory(error: TrainingOutOfMemory, config: TrainConfig, device: torc
         torch.cuda.empty_cache()
     tips = []
     if config.batch_size > 1:
-        tips.append(f"lower batch_size (now {config.batch_size}) and raise grad_accumulation_steps to keep the effective batch")
+        tips.append(
+            f"lower batch_size (now {config.batch_size}) and raise grad_accumulation_steps to keep the effective batch"
+        )
     if not config.gradient_checkpointing:
         tips.append("turn gradient_checkpointing on")
     if device.type == "cuda" and config.offload_blocks != -1:
@@ -408,8 +468,9 @@ class _Writer:
 
     def lora(self, step: int, loss: float) -> LoraStateDict:
         config = self.config
-        sd = LoraStateDict(self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]),
-                           file_names=self.file_names)
+        sd = LoraStateDict(
+            self.adapters.state_dict_for_file(dtype=DTYPES[config.lora_dtype]), file_names=self.file_names
+        )
         sd.update(self.carried)
         sd.metadata = build_metadata(
             steps=step, algorithm=config.algorithm, rank=config.rank,
@@ -429,14 +490,18 @@ class _Writer:
                                    total, self.config.as_dict(), what=f"checkpoint_prefix {prefix!r}")  # fmt: skip
         log.info("LoRA Lab: checkpoint at step %d: %s", step, path)
         for old in self.series.add(path, state_path_for(path)):
-            log.info("LoRA Lab: removed the older checkpoint file %s (keep_checkpoints %d)", old, self.series.keep)
+            log.info(
+                "LoRA Lab: removed the older checkpoint file %s (keep_checkpoints %d)", old, self.series.keep
+            )
 
 
 class _Start:
     """Where training starts: nothing, or an existing LoRA file (weights, alpha, earlier steps), plus
     its training-state sidecar when there is one (fp32 master weights, optimizer state: exact resume)."""
 
-    def __init__(self, name: str = "", weights: dict | None = None, step: int = 0, optimizer_state: dict | None = None):
+    def __init__(
+        self, name: str = "", weights: dict | None = None, step: int = 0, optimizer_state: dict | None = None
+    ):
         self.name, self.weights, self.step, self.optimizer_state = name, weights or {}, step, optimizer_state
 
     @classmethod
@@ -448,7 +513,9 @@ class _Start:
         LoRA of the layer."""
         path = folder_paths.get_full_path("loras", name)
         if path is None:
-            raise ValueError(f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]")
+            raise ValueError(
+                f"existing_lora: {name!r} is not in the loras folder; pick another file or [None]"
+            )
         try:
             sd, meta = read_lora_file(path)
             alphas = peft_alphas(meta)
@@ -457,16 +524,22 @@ class _Start:
         except ValueError as e:
             raise ValueError(f"existing_lora: {e}") from e
         if found is None:
-            raise ValueError(f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]")
+            raise ValueError(
+                f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]"
+            )
         if found != config.algorithm:
             raise ValueError(f"existing_lora: {name!r} is a {found} file but algorithm is {config.algorithm}; "
                              f"set algorithm to {found} or pick another file")  # fmt: skip
         step, source = earlier_steps(meta, os.path.basename(path))
         if source == "none":
-            log.warning("LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name)
+            log.warning(
+                "LoRA Lab: %s carries no step count (metadata or '_<N>_steps_' name); counting from 0", name
+            )
         state, problem = bound_training_state(path)
         if problem:
-            log.warning("LoRA Lab: %s: ignoring its training state: %s; resuming from the weights only", name, problem)
+            log.warning(
+                "LoRA Lab: %s: ignoring its training state: %s; resuming from the weights only", name, problem
+            )
         if state is None:
             return cls(name, sd, step)
         master, optimizer_state, info = state
@@ -481,7 +554,9 @@ class _Start:
 
     def file_alpha(self) -> float | None:
         """The alpha every adapter layer of the file has, or None (no layers, or several alphas)."""
-        alphas = {round(float(v), 6) for k, v in self.weights.items() if k.endswith(".alpha") and v.numel() == 1}
+        alphas = {
+            round(float(v), 6) for k, v in self.weights.items() if k.endswith(".alpha") and v.numel() == 1
+        }
         return alphas.pop() if len(alphas) == 1 else None
 
     def agree_alpha(self, config: TrainConfig) -> TrainConfig:
@@ -492,22 +567,35 @@ class _Start:
         if alpha is None or alpha == _alpha(config):
             return config
         if config.alpha is None:
-            log.info("LoRA Lab: %s has alpha %g: training continues with it (the default would be %g)", self.name, alpha, _alpha(config))
+            log.info(
+                "LoRA Lab: %s has alpha %g: training continues with it (the default would be %g)",
+                self.name,
+                alpha,
+                _alpha(config),
+            )
             return config.replace(alpha=alpha)
         log.warning("LoRA Lab: %s has alpha %g and alpha is set to %g: the file's layers keep %g, new layers get %g",
                     self.name, alpha, config.alpha, alpha, config.alpha)  # fmt: skip
         return config
 
     def load_into(self, adapters: AdapterSet, targets: dict, config: TrainConfig, device) -> dict:
-        return _load_existing(adapters, self.weights, targets, self.name, config, device) if self.weights else {}
+        return (
+            _load_existing(adapters, self.weights, targets, self.name, config, device) if self.weights else {}
+        )
 
 
 def _alpha(config: TrainConfig) -> float:
     """The run's alpha: the one set, else the algorithm's default (rank; OFT: 0, no constraint)."""
-    return float(config.alpha) if config.alpha is not None else get_algorithm(config.algorithm).default_alpha(config.rank)
+    return (
+        float(config.alpha)
+        if config.alpha is not None
+        else get_algorithm(config.algorithm).default_alpha(config.rank)
+    )
 
 
-def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str, config: TrainConfig, device) -> dict:
+def _load_existing(
+    adapters: AdapterSet, file_sd: dict, targets: dict, name: str, config: TrainConfig, device
+) -> dict:
     """Adapters of the file replace the fresh ones layer by layer. Returns the keys that are not
     adapters of our target layers (norm/bias deltas of ComfyUI's built-in trainer, layers we do not
     target): they are applied during training and written back unchanged."""
@@ -522,7 +610,9 @@ def _load_existing(adapters: AdapterSet, file_sd: dict, targets: dict, name: str
     for path, group in groups.items():
         shape, conv = targets[path]
         try:
-            adapters[path] = cls.from_adapter_state_dict({k: v.float() for k, v in group.items()}, shape, conv=conv, device=device)
+            adapters[path] = cls.from_adapter_state_dict(
+                {k: v.float() for k, v in group.items()}, shape, conv=conv, device=device
+            )
         except ValueError as e:
             raise ValueError(f"existing_lora: {name!r}, layer {path}: {e}") from e
     return rest

@@ -42,13 +42,32 @@ class LoraLab_ValidationSet(io.ComfyNode):
             ),
             inputs=[
                 io.Latent.Input("latents", tooltip="Latents not in the training set (VAE Encode)."),
-                io.Conditioning.Input("positive", tooltip="Their conditioning: one entry per latent, or one for all."),
-                io.Int.Input("every_n_steps", default=50, min=1, max=100000,
-                             tooltip="Measure every N optimizer steps, plus before the first and after the last step."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the fixed noise."),
-                io.Int.Input("levels", default=8, min=1, max=64, tooltip="Noise levels per latent, evenly spaced over the schedule."),
+                io.Conditioning.Input(
+                    "positive", tooltip="Their conditioning: one entry per latent, or one for all."
+                ),
+                io.Int.Input(
+                    "every_n_steps",
+                    default=50,
+                    min=1,
+                    max=100000,
+                    tooltip="Measure every N optimizer steps, plus before the first and after the last step.",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the fixed noise."
+                ),
+                io.Int.Input(
+                    "levels",
+                    default=8,
+                    min=1,
+                    max=64,
+                    tooltip="Noise levels per latent, evenly spaced over the schedule.",
+                ),
             ],
-            outputs=[io.Custom(VALIDATION_TYPE).Output(display_name="validation", tooltip="Connect to Training Options' validation input.")],
+            outputs=[
+                io.Custom(VALIDATION_TYPE).Output(
+                    display_name="validation", tooltip="Connect to Training Options' validation input."
+                )
+            ],
         )
 
     @classmethod

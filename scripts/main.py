@@ -43,15 +43,28 @@ def say(msg: str = "") -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workflow", type=pathlib.Path, default=DEFAULT_WORKFLOW,
-                    help="UI-format workflow JSON (default: %(default)s)")
+    ap.add_argument(
+        "--workflow",
+        type=pathlib.Path,
+        default=DEFAULT_WORKFLOW,
+        help="UI-format workflow JSON (default: %(default)s)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="override the trainer's steps")
-    ap.add_argument("--keep-server", action="store_true",
-                    help="leave ComfyUI running after the job (until Ctrl-C) to look at the result in a browser")
-    ap.add_argument("--base-dir", type=pathlib.Path, default=PEOPLE_BASE_DIR,
-                    help="ComfyUI base directory (default: %(default)s)")
+    ap.add_argument(
+        "--keep-server",
+        action="store_true",
+        help="leave ComfyUI running after the job (until Ctrl-C) to look at the result in a browser",
+    )
+    ap.add_argument(
+        "--base-dir",
+        type=pathlib.Path,
+        default=PEOPLE_BASE_DIR,
+        help="ComfyUI base directory (default: %(default)s)",
+    )
     ap.add_argument("--port", type=int, default=None, help="port for ComfyUI (default: a free one)")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed for the run (default: 3600)")
+    ap.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds allowed for the run (default: 3600)"
+    )
     ap.add_argument("--start-timeout", type=float, default=180.0, help="seconds allowed for ComfyUI to start")
     ap.add_argument("--quiet-progress", action="store_true", help="print every 10th progress line only")
     args = ap.parse_args(argv)
@@ -69,7 +82,9 @@ class ProgressPrinter:
     def __init__(self, prompt: dict, quiet: bool = False):
         self.prompt = prompt
         self.quiet = quiet
-        self.custom_nodes: set[str] = set()  # nodes that send loralab.progress (their plain progress is muted)
+        self.custom_nodes: set[str] = (
+            set()
+        )  # nodes that send loralab.progress (their plain progress is muted)
         self.last_custom: dict | None = None
         self.first_step_at: tuple[float, int] | None = None
         self.last_step_at: tuple[float, int] | None = None
@@ -247,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt = load_prompt(client, workflow, args.steps)
         trainers = [k for k, v in prompt.items() if v["class_type"] in TRAINER_CLASSES]
-        say(f"workflow {workflow.name}: {len(prompt)} nodes"
-            + (f", trainer node {', '.join(trainers)} with {prompt[trainers[0]]['inputs'].get('steps')} steps"
-               if trainers else ""))
+        say(
+            f"workflow {workflow.name}: {len(prompt)} nodes"
+            + (
+                f", trainer node {', '.join(trainers)} with {prompt[trainers[0]]['inputs'].get('steps')} steps"
+                if trainers
+                else ""
+            )
+        )
         printer = ProgressPrinter(prompt, quiet=args.quiet_progress)
         running_prompt = True
         result = client.run(prompt, timeout=args.timeout, on_event=printer)

@@ -170,11 +170,15 @@ def write_all(base_dir: pathlib.Path, seed: int = 0, quiet: bool = False) -> lis
     path = input_dir / f"{DATASET_NAME}.safetensors"
     if not path.exists():
         depth, ctx, pooled, _ = TINY_MODELS["loralab-tiny-sd3"]
-        data = make_latent_dataset(n=4, channels=16, height=16, width=16, context_dim=ctx,
-                                   tokens=8, pooled_dim=pooled, seed=seed)
+        data = make_latent_dataset(
+            n=4, channels=16, height=16, width=16, context_dim=ctx, tokens=8, pooled_dim=pooled, seed=seed
+        )
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp),
-                  metadata={"loralab": "tiny generated dataset", "seed": str(seed)})
+        save_file(
+            {k: v.contiguous() for k, v in data.items()},
+            str(tmp),
+            metadata={"loralab": "tiny generated dataset", "seed": str(seed)},
+        )
         tmp.replace(path)
         written.append(path)
     if not quiet:

@@ -14,14 +14,14 @@ import pathlib
 import sys
 
 MARKER = "# loralab: register_fake guarded"
-GUARD = f'''
+GUARD = f"""
 {MARKER}
 def _loralab_register_fake(name):
     if torchvision.extension._has_ops():
         return torch.library.register_fake(name)
     return lambda fn: fn
 
-'''
+"""
 
 
 def main() -> int:

@@ -37,7 +37,13 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "InPlaceWatch",
     "ThreadGatedPatch",
-    "autograd_safe", "copy_on_write", "is_in_place", "rewritten_count", "writes_into_used_tensors"]
+    "autograd_safe",
+    "copy_on_write",
+    "is_in_place",
+    "rewritten_count",
+    "writes_into_used_tensors",
+]
+
 
 class ThreadGatedPatch:
     """Replaces attributes of ``owner`` (a class or a module) for as long as any thread is inside

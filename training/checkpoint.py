@@ -126,7 +126,9 @@ def save_training_state(
     state is not bound and a resume ignores it). Checkpoints use :func:`write_checkpoint`."""
     path = Path(path)
     tensors, metadata = _state_payload(master, optimizer_state, step, total_steps, config, lora_sha256)
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), True, "training state")
+    write_atomically(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), True, "training state"
+    )
     return path
 
 
@@ -210,7 +212,9 @@ def write_checkpoint(
             raise
         fsync_dir(folder)
         return path, state
-    raise FileExistsError(errno.EEXIST, f"{what}: no free checkpoint name after {_NAME_TRIES} tries", str(folder))
+    raise FileExistsError(
+        errno.EEXIST, f"{what}: no free checkpoint name after {_NAME_TRIES} tries", str(folder)
+    )
 
 
 def _remove(path: Path) -> None:
@@ -261,7 +265,9 @@ def _checked_meta(name: str, raw: str) -> dict:
     if meta.get("format") not in (FORMAT, "loralab.trainstate.v1"):
         raise ValueError(f"training state {name}: unknown format {str(meta.get('format'))[:40]!r}")
     # JSON integers only (no text, floats or bools), 0..MAX_STEP_COUNT
-    step, total = (step_count(v) if type(v) is int else None for v in (meta.get("step"), meta.get("total_steps")))
+    step, total = (
+        step_count(v) if type(v) is int else None for v in (meta.get("step"), meta.get("total_steps"))
+    )
     if step is None or total is None or step > total:
         raise ValueError(
             f"training state {name}: step {str(meta.get('step'))[:40]} of {str(meta.get('total_steps'))[:40]} is not a "
@@ -284,7 +290,9 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
             raw = (f.metadata() or {}).get("loralab.trainstate")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for damaged files
-        raise ValueError(f"training state {path.name}: cannot read it ({e}); delete it to resume from the weights only") from e
+        raise ValueError(
+            f"training state {path.name}: cannot read it ({e}); delete it to resume from the weights only"
+        ) from e
     if raw is None:
         raise ValueError(f"training state {path.name}: not a LoRA Lab training state file")
     meta = _checked_meta(path.name, raw)
@@ -338,5 +346,8 @@ def bound_training_state(lora_path: str | os.PathLike) -> tuple[tuple | None, st
     except OSError as e:
         return None, f"cannot read {Path(lora_path).name} to check its training state ({e.strerror})"
     if actual != recorded:
-        return None, f"{state_file.name} belongs to another LoRA file (the content hash it records does not match)"
+        return (
+            None,
+            f"{state_file.name} belongs to another LoRA file (the content hash it records does not match)",
+        )
     return (master, optimizer_state, info), None

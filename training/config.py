@@ -28,7 +28,6 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-
 @dataclass(frozen=True)
 class Option:
     """One setting: its widget on a node and its check here.
@@ -87,20 +86,28 @@ class Option:
                 raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-_OPTIMIZER_TIP = ("Optimizer. AdamW, Adam, SGD (momentum 0.9), RMSprop: PyTorch's. Prodigy (finds its own step size: "
-                  "set learning_rate to 1.0), Adafactor (factored second moments: least optimizer memory), CAME, Lion "
-                  "(one moment: half of AdamW's state): pytorch-optimizer's. AdamW8bit: bitsandbytes', CUDA only, "
-                  "listed where it is installed. Each one's state is checkpointed and resumes exactly.")
-_ALGORITHM_TIP = ("Adapter algorithm. LoRA (LoCon on convolutions), LoHa and LoKr add a learned ΔW; OFT rotates each "
-                  "layer's outputs in blocks (keeps the weights' norms: slow to overfit); DoRA is LoRA with a learned "
-                  "magnitude per input column (weight-decomposed). All five apply with ComfyUI's own LoRA loaders.")
-_KEEP_TIP = ("Checkpoints of this run kept on disk: after each new one, the oldest beyond this number (its LoRA file and "
-             ".lorastate) is deleted. Files of other runs are never touched; 0 = keep all.")
+_OPTIMIZER_TIP = (
+    "Optimizer. AdamW, Adam, SGD (momentum 0.9), RMSprop: PyTorch's. Prodigy (finds its own step size: "
+    "set learning_rate to 1.0), Adafactor (factored second moments: least optimizer memory), CAME, Lion "
+    "(one moment: half of AdamW's state): pytorch-optimizer's. AdamW8bit: bitsandbytes', CUDA only, "
+    "listed where it is installed. Each one's state is checkpointed and resumes exactly."
+)
+_ALGORITHM_TIP = (
+    "Adapter algorithm. LoRA (LoCon on convolutions), LoHa and LoKr add a learned ΔW; OFT rotates each "
+    "layer's outputs in blocks (keeps the weights' norms: slow to overfit); DoRA is LoRA with a learned "
+    "magnitude per input column (weight-decomposed). All five apply with ComfyUI's own LoRA loaders."
+)
+_KEEP_TIP = (
+    "Checkpoints of this run kept on disk: after each new one, the oldest beyond this number (its LoRA file and "
+    ".lorastate) is deleted. Files of other runs are never touched; 0 = keep all."
+)
 
-_OFFLOAD_TIP = ("Keep the frozen weights of the first N repeated blocks in CPU memory; each layer's weights come "
-                "to the GPU as it runs (ComfyUI's low-VRAM casting). Less VRAM, slower steps; it needs "
-                "gradient_checkpointing to save anything. -1 = auto: as many as the memory plan needs (none when "
-                "the run fits); 0 = off. On a CPU-only machine it changes nothing but the code path.")
+_OFFLOAD_TIP = (
+    "Keep the frozen weights of the first N repeated blocks in CPU memory; each layer's weights come "
+    "to the GPU as it runs (ComfyUI's low-VRAM casting). Less VRAM, slower steps; it needs "
+    "gradient_checkpointing to save anything. -1 = auto: as many as the memory plan needs (none when "
+    "the run fits); 0 = off. On a CPU-only machine it changes nothing but the code path."
+)
 
 #: Every setting, in widget order per node (saved UI workflows list widget values by position: new
 #: ones go at the end of their node).
@@ -174,7 +181,9 @@ class TrainConfig:
     warmup_steps: int = _field("warmup_steps")
     lr_cycles: int = _field("lr_cycles")  # restarts of cosine_with_restarts
     targets: str = _field("targets")  # preset of layers to train (see lora.inject.TARGET_PATTERNS)
-    include: tuple[str, ...] = _field("include")  # extra glob patterns on module paths; when given, replace the preset
+    include: tuple[str, ...] = _field(
+        "include"
+    )  # extra glob patterns on module paths; when given, replace the preset
     exclude: tuple[str, ...] = _field("exclude")
     timestep_sampling: str = _field("timestep_sampling")
     logit_mean: float = _field("logit_mean")
@@ -184,7 +193,9 @@ class TrainConfig:
     noise_offset: float = _field("noise_offset")
     save_every: int = _field("save_every")  # optimizer steps between checkpoints; 0: none
     keep_checkpoints: int = _field("keep_checkpoints")  # newest checkpoints of a run kept on disk; 0: all
-    offload_blocks: int = _field("offload_blocks")  # repeated blocks whose weights stay in CPU memory; -1: auto
+    offload_blocks: int = _field(
+        "offload_blocks"
+    )  # repeated blocks whose weights stay in CPU memory; -1: auto
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -201,4 +212,3 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-

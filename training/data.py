@@ -77,7 +77,9 @@ class BatchOrder:
         for group in self.groups:
             perm = torch.randperm(len(group), generator=gen).tolist()
             shuffled = [group[j] for j in perm]
-            batches.extend(shuffled[k : k + self.batch_size] for k in range(0, len(shuffled), self.batch_size))
+            batches.extend(
+                shuffled[k : k + self.batch_size] for k in range(0, len(shuffled), self.batch_size)
+            )
         return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
 
@@ -85,7 +87,9 @@ def mix_seed(seed: int, n: int) -> int:
     return (seed * 6364136223846793005 + n * 1442695040888963407 + 1) % (1 << 63)
 
 
-def collate(samples: Sequence[Sample], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, dict]:
+def collate(
+    samples: Sequence[Sample], indices: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, dict]:
     """Stack latents to [B, C, ...] and batch each conditioning kwarg (see concat)."""
     latents = torch.stack([samples[i].latent for i in indices]).to(device)
     keys = samples[indices[0]].cond.keys()

@@ -44,7 +44,9 @@ def _pytorch_optimizer(class_name: str) -> Callable[..., torch.optim.Optimizer]:
 def _adamw8bit(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit AdamW: optimizer state in 8 bits per value instead of 32, CUDA only."""
     if not all(p.device.type == "cuda" for p in params):
-        raise ValueError("optimizer AdamW8bit (bitsandbytes) needs a CUDA GPU; choose AdamW or Adafactor on this device")
+        raise ValueError(
+            "optimizer AdamW8bit (bitsandbytes) needs a CUDA GPU; choose AdamW or Adafactor on this device"
+        )
     import bitsandbytes
 
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)

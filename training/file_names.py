@@ -69,7 +69,10 @@ def earlier_steps(metadata: Mapping[str, str] | None, filename: str | os.PathLik
                 return steps, "metadata"
             log.warning(
                 "LoRA Lab: ignoring the step count %s=%s in the LoRA's metadata: not a whole number "
-                "between 0 and %d", key, _shown(metadata[key]), MAX_STEP_COUNT,
+                "between 0 and %d",
+                key,
+                _shown(metadata[key]),
+                MAX_STEP_COUNT,
             )
     if filename:
         for digits in reversed(_STEPS_IN_NAME.findall(Path(filename).name)):
@@ -90,7 +93,9 @@ def _counter_pattern(prefix: str, ext: str) -> re.Pattern[str]:
     )
 
 
-def prefix_location(root: str | os.PathLike, user_prefix: str, name: str = "filename_prefix") -> tuple[Path, str]:
+def prefix_location(
+    root: str | os.PathLike, user_prefix: str, name: str = "filename_prefix"
+) -> tuple[Path, str]:
     """A user's ``filename_prefix`` (may hold sub-folders) -> (folder under root, file-name stem),
     validated and sanitised by :func:`safe_prefix` (errors name the input as ``name``), so the result
     never leaves ``root``."""
@@ -200,8 +205,5 @@ def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
             part = "_" + part
         parts.append(part)
     if not parts:
-        raise ValueError(
-            f"{name} {prefix!r} has no usable name; give a name such as 'loralab/my_lora'"
-        )
+        raise ValueError(f"{name} {prefix!r} has no usable name; give a name such as 'loralab/my_lora'")
     return "/".join(parts)
-

@@ -90,9 +90,13 @@ def resolve_folder(root: str | os.PathLike, folder: str, name: str = "folder") -
         raise ValueError(f"{name} must be text, got {type(folder).__name__}")
     text = folder.strip().replace("\\", "/")
     if not text:
-        raise ValueError(f"{name} is empty; give a folder inside ComfyUI's input directory, such as 'loralab_images'")
+        raise ValueError(
+            f"{name} is empty; give a folder inside ComfyUI's input directory, such as 'loralab_images'"
+        )
     if text.startswith("/") or (len(text) >= 2 and text[1] == ":"):
-        raise ValueError(f"{name} {folder!r} is an absolute path; give a folder relative to ComfyUI's input directory")
+        raise ValueError(
+            f"{name} {folder!r} is an absolute path; give a folder relative to ComfyUI's input directory"
+        )
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ValueError(f"{name} {folder!r} contains '..'; give a folder inside ComfyUI's input directory")
@@ -107,17 +111,23 @@ def resolve_folder(root: str | os.PathLike, folder: str, name: str = "folder") -
 def _open_regular(path: Path, what: str) -> int:
     """An fd of ``path`` opened read-only without following a final symlink and without blocking
     (a FIFO would block a plain open forever); ``ValueError`` when it is not a regular file."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    )
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         if path.is_symlink():
-            raise ValueError(f"{what} is a symbolic link; links are refused (copy the file into the folder)") from None
+            raise ValueError(
+                f"{what} is a symbolic link; links are refused (copy the file into the folder)"
+            ) from None
         raise ValueError(f"{what} cannot be opened ({exc.strerror or exc})") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise ValueError(f"{what} is not a regular file (a FIFO, device or folder); remove it from the folder")
+        raise ValueError(
+            f"{what} is not a regular file (a FIFO, device or folder); remove it from the folder"
+        )
     return fd
 
 
@@ -159,7 +169,9 @@ def _image_files(folder: Path, name: str, max_images: int) -> list[Path]:
             if entry.is_dir(follow_symlinks=False):
                 continue
             if not entry.is_file(follow_symlinks=False):
-                raise ValueError(f"{name}: image {entry.name!r} is not a regular file (a FIFO or device); remove it")
+                raise ValueError(
+                    f"{name}: image {entry.name!r} is not a regular file (a FIFO or device); remove it"
+                )
             images.append(Path(entry.path))
             if len(images) > max_images:
                 raise ValueError(f"{name}: {str(folder)!r} holds more than {max_images} images, the limit of one "
@@ -183,7 +195,9 @@ def list_image_captions(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{name}: {str(folder)!r} is not a folder; create it inside ComfyUI's input directory and put images in it")
+        raise ValueError(
+            f"{name}: {str(folder)!r} is not a folder; create it inside ComfyUI's input directory and put images in it"
+        )
     images = _image_files(folder, name, max_images)
     if not images:
         raise ValueError(f"{name}: {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -256,7 +270,9 @@ def _load_image(path: Path, resolution: int, what: str) -> tuple[torch.Tensor, f
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 opened = Image.open(f, formats=PIL_FORMATS)  # reads the header only
         except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
-            raise ValueError(f"{what} is more than {MAX_IMAGE_PIXELS:,} pixels, the limit; scale it down ({exc})") from None
+            raise ValueError(
+                f"{what} is more than {MAX_IMAGE_PIXELS:,} pixels, the limit; scale it down ({exc})"
+            ) from None
         except Image.UnidentifiedImageError:
             raise ValueError(f"{what} is not a PNG, JPEG, WebP or BMP image") from None
         with opened:
@@ -286,7 +302,9 @@ def load_folder(
     """Every image of ``folder`` (:func:`list_image_captions`) as a ``[1, H, W, 3]`` tensor
     (:func:`load_image_tensor`) and its caption. ``check_interrupt()`` runs before each file, so a
     long load can be stopped. Errors are ``ValueError`` naming ``name``, the file and the limit."""
-    items = list_image_captions(folder, caption_extension, default_caption, name=name, check_interrupt=check_interrupt)
+    items = list_image_captions(
+        folder, caption_extension, default_caption, name=name, check_interrupt=check_interrupt
+    )
     images, upscaled = [], []
     for item in items:
         if check_interrupt is not None:

@@ -122,7 +122,9 @@ def run_training(
     t0 = time.perf_counter()
 
     for step in range(start + 1, start + config.steps + 1):
-        lr = lr_at(step, total, config.learning_rate, config.lr_schedule, config.warmup_steps, config.lr_cycles)
+        lr = lr_at(
+            step, total, config.learning_rate, config.lr_schedule, config.warmup_steps, config.lr_cycles
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -168,8 +170,12 @@ def _accumulate(step, accum, samples, order, noise_seed, objective, loss_fn, pre
         x0, cond = collate(samples, indices, device)
         sigma = objective.sample_sigmas(len(indices), gen)
         noise = objective.sample_noise(x0.shape, gen).to(device=device, dtype=x0.dtype)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = denoise_loss(lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma)
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            loss = denoise_loss(
+                lambda xt, s, c=cond: predict_x0(xt, s, c), objective, loss_fn, x0, noise, sigma
+            )
         (loss / accum).backward()
         step_loss += loss.item() / accum
     return step_loss, torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
@@ -195,8 +201,12 @@ def evaluate_denoise_loss(
     for i in range(len(samples)):
         x0, cond = collate(samples, [i], device)
         for s in sigmas:
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
-            total += denoise_loss(lambda xt, sg, c=cond: predict_x0(xt, sg, c), objective, mse, x0, noise, s.view(1)).item()
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(
+                device=device, dtype=x0.dtype
+            )
+            total += denoise_loss(
+                lambda xt, sg, c=cond: predict_x0(xt, sg, c), objective, mse, x0, noise, s.view(1)
+            ).item()
     return total / (len(samples) * levels)
 
 

@@ -222,9 +222,14 @@ def peft_alphas(metadata: Mapping[str, str] | None) -> Callable[[str], float | N
         fields = configs[component]
         patterns = []
         raw_patterns = fields.get("alpha_pattern")
-        for pattern, value in (raw_patterns.items() if isinstance(raw_patterns, dict) else ()):
+        for pattern, value in raw_patterns.items() if isinstance(raw_patterns, dict) else ():
             alpha = _peft_field(value)
-            if alpha is not None and isinstance(pattern, str) and _PLAIN_PATTERN.match(pattern) and pattern.count("*") <= 1:
+            if (
+                alpha is not None
+                and isinstance(pattern, str)
+                and _PLAIN_PATTERN.match(pattern)
+                and pattern.count("*") <= 1
+            ):
                 try:
                     patterns.append((re.compile(rf"(.*\.)?({pattern})$"), alpha))
                 except re.error:

@@ -272,4 +272,3 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     except Exception as exc:  # safetensors raises its own SafetensorError (an Exception)
         raise ValueError(f"LoRA file {path} could not be read as safetensors: {exc}") from exc
     return tensors, {str(k): str(v) for k, v in metadata.items()}
-

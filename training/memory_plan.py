@@ -98,7 +98,9 @@ def optimizer_state_values(name: str, shapes: Iterable[Sequence[int]]) -> int | 
             param.grad = torch.full(shape, 1e-3)
             opt = make_optimizer(name, [param], 1e-3)
             opt.step()
-            total += n * sum(v.numel() for v in opt.state[param].values() if torch.is_tensor(v) and v.numel() > 1)
+            total += n * sum(
+                v.numel() for v in opt.state[param].values() if torch.is_tensor(v) and v.numel() > 1
+            )
     except Exception:
         return None
     return total
@@ -111,7 +113,11 @@ def plan(
     """The plan for one set of settings (trainable_values: number of adapter parameters;
     optimizer_values: the optimizer's state as counted by optimizer_state_values, else the table's)."""
     trainable = 4 * trainable_values
-    state = 4 * optimizer_values if optimizer_values is not None else int(OPTIMIZER_STATE.get(optimizer, 2.0) * trainable)
+    state = (
+        4 * optimizer_values
+        if optimizer_values is not None
+        else int(OPTIMIZER_STATE.get(optimizer, 2.0) * trainable)
+    )
     return MemoryPlan(
         weights=weights, trainable=trainable, gradients=trainable, optimizer=state,
         activations=profile.for_run(batch, checkpointing),
@@ -203,7 +209,9 @@ class Fit:
     available: int  # bytes the run may add
     where: str  # "cuda" / "cpu", for the message
     alternatives: list[tuple[str, MemoryPlan]] = field(default_factory=list)
-    offload_needed: int = 0  # the fewest blocks to offload for the run to fit (0: none would do, or none needed)
+    offload_needed: int = (
+        0  # the fewest blocks to offload for the run to fit (0: none would do, or none needed)
+    )
 
     @property
     def fits(self) -> bool:
@@ -241,14 +249,18 @@ def check_fit(
         halved.activations //= 2
         candidates.append(("training_dtype bf16", halved, 0))
     if fp8_savings > 0:
-        candidates.append(("an fp8 base (Load Diffusion Model, weight_dtype fp8_e4m3fn)", make(), fp8_savings))
+        candidates.append(
+            ("an fp8 base (Load Diffusion Model, weight_dtype fp8_e4m3fn)", make(), fp8_savings)
+        )
     if block_weights and checkpointing:
         short = fit.plan.added - available
         for n in range(1, len(block_weights) + 1):
             freed = offloaded_weights(block_weights[:n])
             if freed >= short:
                 fit.offload_needed = n
-                candidates.append((f"offload_blocks {n} (Training Options; -1 picks it by itself)", make(), freed))
+                candidates.append(
+                    (f"offload_blocks {n} (Training Options; -1 picks it by itself)", make(), freed)
+                )
                 break
     fit.alternatives = [(what, p) for what, p, freed in candidates if p.added <= available + freed]
     return fit

@@ -39,7 +39,9 @@ class Objective:
     timestep_sampling: str = "uniform"  # or "logit_normal" (SD3 paper): noise level t = sigmoid(N(mean, std))
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    flow_shift: float = 1.0  # flow models: sigma -> shift*sigma / (1 + (shift-1)*sigma), on top of the model's own
+    flow_shift: float = (
+        1.0  # flow models: sigma -> shift*sigma / (1 + (shift-1)*sigma), on top of the model's own
+    )
     min_snr_gamma: float = 0.0  # eps / v models: weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
     noise_offset: float = 0.0  # per-sample, per-channel constant added to the noise
 
@@ -47,7 +49,9 @@ class Objective:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}")
+            raise ValueError(
+                f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}"
+            )
 
     @property
     def sigma_data(self) -> float:
@@ -55,13 +59,17 @@ class Objective:
 
     def sigmas_from_percents(self, percents: torch.Tensor) -> torch.Tensor:
         """percents [B] in (0, 1), 0 = most noise -> sigmas [B] (fp32, CPU)."""
-        return torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], dtype=torch.float32)
+        return torch.tensor(
+            [float(self.sampling.percent_to_sigma(float(p))) for p in percents], dtype=torch.float32
+        )
 
     def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n noise levels drawn in the model's own percent-of-schedule space (uniform or
         logit-normal), then shifted for flow models when flow_shift != 1."""
         if self.timestep_sampling == "logit_normal":
-            t = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean)
+            t = torch.sigmoid(
+                torch.randn(n, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean
+            )
             u = 1.0 - t  # t is "how noisy"; percent 0 is the noisiest end
         else:
             u = torch.rand(n, generator=generator, dtype=torch.float64)
@@ -126,7 +134,9 @@ def denoise_loss(
     x_t = objective.noisy(sigma.to(x0.device), noise, x0)
     pred = predict_x0(x_t, sigma.to(x0.device)).float()
     sigma = sigma.to(pred.device)
-    elementwise = loss_fn(objective.to_target(x_t.float(), pred, sigma), objective.to_target(x_t.float(), x0.float(), sigma))
+    elementwise = loss_fn(
+        objective.to_target(x_t.float(), pred, sigma), objective.to_target(x_t.float(), x0.float(), sigma)
+    )
     per_sample = elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
     weights = objective.sample_weights(sigma)
     if weights is not None:

@@ -23,7 +23,11 @@ __all__ = ["BlockOffload", "castable_layers", "offload_bytes"]
 
 def castable_layers(block: nn.Module) -> list[nn.Module]:
     """The layers of ``block`` that ComfyUI's ops can cast per call (they carry ``comfy_cast_weights``)."""
-    return [m for m in block.modules() if hasattr(m, "comfy_cast_weights") and getattr(m, "weight", None) is not None]
+    return [
+        m
+        for m in block.modules()
+        if hasattr(m, "comfy_cast_weights") and getattr(m, "weight", None) is not None
+    ]
 
 
 def _tensors(layer: nn.Module) -> list[torch.Tensor]:
@@ -32,7 +36,9 @@ def _tensors(layer: nn.Module) -> list[torch.Tensor]:
 
 def offload_bytes(blocks: Sequence[nn.Module]) -> list[int]:
     """Per block, the bytes offloading it moves off the device (its castable layers' own tensors)."""
-    return [sum(t.numel() * t.element_size() for m in castable_layers(b) for t in _tensors(m)) for b in blocks]
+    return [
+        sum(t.numel() * t.element_size() for m in castable_layers(b) for t in _tensors(m)) for b in blocks
+    ]
 
 
 class BlockOffload:

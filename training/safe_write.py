@@ -12,7 +12,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomically", "create_exclusive", "publish", "copy_exclusive", "fsync_dir", "write_error_cause"]
+__all__ = [
+    "write_atomically",
+    "create_exclusive",
+    "publish",
+    "copy_exclusive",
+    "fsync_dir",
+    "write_error_cause",
+]
 
 
 def fsync_dir(folder: Path) -> None:

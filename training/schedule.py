@@ -26,4 +26,6 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str, warmup: int = 0,
         if progress >= 1.0:
             return 0.0
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
-    raise ValueError(f"lr_schedule must be constant, linear, cosine or cosine_with_restarts; got {schedule!r}")
+    raise ValueError(
+        f"lr_schedule must be constant, linear, cosine or cosine_with_restarts; got {schedule!r}"
+    )

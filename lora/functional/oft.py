@@ -51,7 +51,9 @@ def oft_merge(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """W' ``[out, ...]`` = W + (R - I)^T W per block of rows, in ``weight``'s dtype (as ComfyUI adds it)."""
     num, size, _ = rotation.shape
     eye = torch.eye(size, dtype=rotation.dtype, device=rotation.device)
-    diff = torch.einsum("knm,kn...->km...", rotation - eye, weight.to(rotation.dtype).unflatten(0, (num, size)))
+    diff = torch.einsum(
+        "knm,kn...->km...", rotation - eye, weight.to(rotation.dtype).unflatten(0, (num, size))
+    )
     return weight + diff.flatten(0, 1).to(weight.dtype)
 
 

@@ -74,7 +74,9 @@ class DoRAModule(LoRAModule):
 
     def _check_bound(self) -> None:
         if self.needs_base:
-            raise RuntimeError("DoRA: the magnitude was never set from the base layer; call init_from_base(weight)")
+            raise RuntimeError(
+                "DoRA: the magnitude was never set from the base layer; call init_from_base(weight)"
+            )
 
     def merge(self, weight: torch.Tensor) -> torch.Tensor:
         self._check_bound()

@@ -46,7 +46,9 @@ ALLOWED_HTTP_ERRORS = [
 ]
 ALLOWED_CONSOLE = [
     re.compile(r"Cannot read properties of undefined \(reading 'id'\)\s+at onChange", re.S),
-    re.compile(r"^warning: Failed to cache media: /api/workflow_templates/[^/\s]+/[^/\s]+\.(jpg|jpeg|png|webp) .*404"),
+    re.compile(
+        r"^warning: Failed to cache media: /api/workflow_templates/[^/\s]+/[^/\s]+\.(jpg|jpeg|png|webp) .*404"
+    ),
 ]
 PACK_WORDS = re.compile(r"loralab|lora lab|comfyui-lora-lab", re.I)
 
@@ -148,9 +150,8 @@ class ComfyPage:
         new = errors[self._checked :]
         self._checked = len(errors)
         dialogs = self.error_dialogs()
-        assert not new and not dialogs, (
-            f"errors in the page{' ' + what if what else ''}:\n"
-            + "\n".join(new + [f"dialog: {d}" for d in dialogs])
+        assert not new and not dialogs, f"errors in the page{' ' + what if what else ''}:\n" + "\n".join(
+            new + [f"dialog: {d}" for d in dialogs]
         )
 
     # ------------------------------------------------------------------ actions
@@ -213,5 +214,3 @@ class ComfyPage:
 def http_json(url: str, timeout: float = 30.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-

@@ -73,11 +73,13 @@ def poll(check, timeout: float, interval: float = 0.25, what: str = "condition")
 
 def test_extension_script_is_listed_and_served(comfy_server):
     extensions = http_json(comfy_server.url + "/extensions")
-    assert SCRIPT in extensions, f"{SCRIPT} not in GET /extensions: {[e for e in extensions if 'core' not in e]}"
+    assert SCRIPT in extensions, (
+        f"{SCRIPT} not in GET /extensions: {[e for e in extensions if 'core' not in e]}"
+    )
     status, ctype, body = fetch(comfy_server.url + SCRIPT)
     assert status == 200 and "javascript" in ctype, (status, ctype)
     text = body.decode()
-    assert 'registerExtension' in text and '"loralab.progress"' in text
+    assert "registerExtension" in text and '"loralab.progress"' in text
     # The script imports these relative to /extensions/<pack>/: they must exist as ES modules that
     # export `app` and `api` (frontend 1.32.9 serves them as shims over window.comfyAPI).
     for module, name in (("/scripts/app.js", "app"), ("/scripts/api.js", "api")):
@@ -125,7 +127,9 @@ def open_node_search(ui):
     box = ui.page.locator("#graph-canvas").bounding_box()
     search = ui.page.locator(".comfy-vue-node-search-box input")
     for attempt in range(4):
-        ui.page.mouse.dblclick(box["x"] + box["width"] * (0.45 + 0.02 * attempt), box["y"] + box["height"] * 0.55)
+        ui.page.mouse.dblclick(
+            box["x"] + box["width"] * (0.45 + 0.02 * attempt), box["y"] + box["height"] * 0.55
+        )
         try:
             search.wait_for(timeout=10_000)
             return search
@@ -226,7 +230,9 @@ def test_template_trains_with_the_live_loss_curve(ui, comfy_server):
     # A seed no earlier prompt on this server used, so ComfyUI's cache cannot skip the training.
     seed = random.randrange(1, 2**31)
     page.evaluate(f"app.graph.getNodeById({train}).widgets.find(w => w.name === 'seed').value = {seed}")
-    saved_before = page.evaluate(f"app.graph.serialize().nodes.find(n => String(n.id) === '{train}').widgets_values")
+    saved_before = page.evaluate(
+        f"app.graph.serialize().nodes.find(n => String(n.id) === '{train}').widgets_values"
+    )
     page.evaluate(RECORDER)
 
     page.locator('[data-testid="queue-button"]').first.click()
@@ -258,7 +264,9 @@ def test_template_trains_with_the_live_loss_curve(ui, comfy_server):
         SLOW_S,
         what="an empty queue",
     )
-    page.wait_for_function("() => !document.querySelector('.comfyui-queue-button .p-button-loading')", timeout=60_000)
+    page.wait_for_function(
+        "() => !document.querySelector('.comfyui-queue-button .p-button-loading')", timeout=60_000
+    )
     ui.screenshot("trained.png")
 
     # The curve stays after the run (execution_success / executed have been handled by now).
@@ -294,7 +302,9 @@ def test_template_trains_with_the_live_loss_curve(ui, comfy_server):
     assert all(e["prompt_id"] == prompt_id for e in events)
 
     # The view is neither saved in the workflow nor sent with the prompt.
-    saved_after = page.evaluate(f"app.graph.serialize().nodes.find(n => String(n.id) === '{train}').widgets_values")
+    saved_after = page.evaluate(
+        f"app.graph.serialize().nodes.find(n => String(n.id) === '{train}').widgets_values"
+    )
     assert saved_after == saved_before
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert "loralab_live" not in prompt[train]["inputs"]
@@ -318,33 +328,75 @@ def test_progress_events_for_absent_or_other_nodes_are_harmless(ui):
     nodes = ui.graph_nodes()
     train = next(n["id"] for n in nodes if n["type"] == TRAIN)
     other = next(n["id"] for n in nodes if n["type"] != TRAIN)
-    base = {"prompt_id": "synthetic", "total": 10, "loss": 0.5, "lr": 1e-3, "steps_per_s": 2.0, "elapsed": 1.0}
+    base = {
+        "prompt_id": "synthetic",
+        "total": 10,
+        "loss": 0.5,
+        "lr": 1e-3,
+        "steps_per_s": 2.0,
+        "elapsed": 1.0,
+    }
     for node in ("9999", other, "77:5", f"{train}:4"):
-        send_ws(ui, {"type": "loralab.progress", "data": {**base, "node": node, "step": 1, "first_step": 1, "losses": [0.5]}})
+        send_ws(
+            ui,
+            {
+                "type": "loralab.progress",
+                "data": {**base, "node": node, "step": 1, "first_step": 1, "losses": [0.5]},
+            },
+        )
     for data in ({}, {"node": train}, {"node": None, "step": 1}, {"node": train, "step": "x"}):
         send_ws(ui, {"type": "loralab.progress", "data": data})
     send_ws(ui, {"type": "loralab.progress", "data": None})
-    assert ui.page.locator(".loralab-live").count() == 0, "a view appeared for a node that is not a train node"
+    assert ui.page.locator(".loralab-live").count() == 0, (
+        "a view appeared for a node that is not a train node"
+    )
 
     # The train node itself: older servers' messages (no `losses`) and gaps (null losses) are fine.
     send_ws(ui, {"type": "loralab.progress", "data": {**base, "node": train, "step": 1}})
-    send_ws(ui, {"type": "loralab.progress", "data": {**base, "node": train, "step": 4, "first_step": 2, "losses": [0.4, None, 0.3]}})
+    send_ws(
+        ui,
+        {
+            "type": "loralab.progress",
+            "data": {**base, "node": train, "step": 4, "first_step": 2, "losses": [0.4, None, 0.3]},
+        },
+    )
     ui.page.wait_for_function("document.querySelector('.loralab-live')?.dataset.step === '4'")
     state = ui.page.evaluate(VIEW_STATE)
     assert state["status"] == "running" and state["points"] == "3" and "step 4 / 10" in state["text"], state
     assert "ETA 3 s" in state["text"], state["text"]
-    send_ws(ui, {"type": "execution_interrupted", "data": {"prompt_id": "synthetic", "node_id": train, "node_type": TRAIN, "executed": []}})
+    send_ws(
+        ui,
+        {
+            "type": "execution_interrupted",
+            "data": {"prompt_id": "synthetic", "node_id": train, "node_type": TRAIN, "executed": []},
+        },
+    )
     ui.page.wait_for_function("document.querySelector('.loralab-live')?.dataset.status === 'stopped'")
     other_widgets = next(n["widgets"] for n in ui.graph_nodes() if n["id"] == other)
     assert "loralab_live" not in other_widgets
 
     # A new prompt replaces the curve; a long run is drawn with a bounded number of points.
     long = [1.0 + math.sin(i / 50) / (1 + i / 500) for i in range(5000)]
-    send_ws(ui, {"type": "loralab.progress", "data": {**base, "prompt_id": "long", "node": train, "total": 5000,
-                                                      "step": 5000, "first_step": 1, "losses": long}})
+    send_ws(
+        ui,
+        {
+            "type": "loralab.progress",
+            "data": {
+                **base,
+                "prompt_id": "long",
+                "node": train,
+                "total": 5000,
+                "step": 5000,
+                "first_step": 1,
+                "losses": long,
+            },
+        },
+    )
     ui.page.wait_for_function("document.querySelector('.loralab-live')?.dataset.promptId === 'long'")
     state = ui.page.evaluate(VIEW_STATE)
-    assert state["status"] == "done" and state["points"] == "5000" and "step 5000 / 5000" in state["text"], state
+    assert state["status"] == "done" and state["points"] == "5000" and "step 5000 / 5000" in state["text"], (
+        state
+    )
     assert 100 <= state["raw"] <= 600 and 100 <= state["smooth"] <= 600, state
     ui.assert_no_errors("after synthetic progress events")
 
@@ -384,7 +436,9 @@ def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
     }""",
         [TRAIN, seed],
     )
-    steps = page.evaluate(f"app.graph.nodes.find(n => n.type === '{TRAIN}').widgets.find(w => w.name === 'steps').value")
+    steps = page.evaluate(
+        f"app.graph.nodes.find(n => n.type === '{TRAIN}').widgets.find(w => w.name === 'steps').value"
+    )
     ui.assert_no_errors("wiring the preview nodes")
 
     page.locator('[data-testid="queue-button"]').first.click()
@@ -407,7 +461,9 @@ def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
     )
     expected = [s for s in range(0, steps + 1) if s == 0 or s == steps or s % 10 == 0][-6:]
     assert [s for s, _, _ in shown] == expected, shown
-    assert all(width == 16 and height > 40 for _, width, height in shown), shown  # 16x16 latent-to-RGB, drawn large
+    assert all(width == 16 and height > 40 for _, width, height in shown), (
+        shown
+    )  # 16x16 latent-to-RGB, drawn large
     ui.assert_no_errors("training with previews")
 
 
@@ -420,14 +476,40 @@ def test_held_out_loss_is_drawn_on_the_live_curve(ui):
     ui.page.wait_for_function(f"app.graph.nodes.length === {len(workflow['nodes'])}")
     train = next(n["id"] for n in ui.graph_nodes() if n["type"] == TRAIN)
     base = {"prompt_id": "held", "node": train, "total": 4, "lr": 1e-3, "steps_per_s": 2.0, "elapsed": 1.0}
-    send_ws(ui, {"type": "loralab.progress", "data": {**base, "step": 2, "loss": 0.5, "first_step": 1,
-                                                      "losses": [0.6, 0.5], "validation": [[0, 0.7], [2, 0.55]]}})
-    send_ws(ui, {"type": "loralab.progress", "data": {**base, "step": 4, "loss": 0.4, "first_step": 3,
-                                                      "losses": [0.45, 0.4], "validation": [[4, 0.42]]}})
+    send_ws(
+        ui,
+        {
+            "type": "loralab.progress",
+            "data": {
+                **base,
+                "step": 2,
+                "loss": 0.5,
+                "first_step": 1,
+                "losses": [0.6, 0.5],
+                "validation": [[0, 0.7], [2, 0.55]],
+            },
+        },
+    )
+    send_ws(
+        ui,
+        {
+            "type": "loralab.progress",
+            "data": {
+                **base,
+                "step": 4,
+                "loss": 0.4,
+                "first_step": 3,
+                "losses": [0.45, 0.4],
+                "validation": [[4, 0.42]],
+            },
+        },
+    )
     ui.page.wait_for_function("document.querySelector('.loralab-live')?.dataset.validation === '3'")
     state = ui.page.evaluate(VIEW_STATE)
     assert "held-out 0.4200" in state["text"], state["text"]
-    held = ui.page.evaluate("document.querySelector('.loralab-val').getAttribute('points').trim().split(/\\s+/).length")
+    held = ui.page.evaluate(
+        "document.querySelector('.loralab-val').getAttribute('points').trim().split(/\\s+/).length"
+    )
     assert held == 3
     ui.screenshot("held_out_loss.png")
     ui.assert_no_errors("held-out loss events")

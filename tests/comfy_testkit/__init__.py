@@ -65,9 +65,13 @@ class OutOfMemoryAt:
                 calls[0] += 1
                 if calls[0] == call:
                     if kind == "cuda":
-                        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test kit)")
-                    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
-                                       "you tried to allocate 21474836480 bytes (injected by the test kit)")
+                        raise torch.OutOfMemoryError(
+                            "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test kit)"
+                        )
+                    raise RuntimeError(
+                        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 21474836480 bytes (injected by the test kit)"
+                    )
             return q, k, v
 
         clone = model.clone()

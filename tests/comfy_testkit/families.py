@@ -166,13 +166,17 @@ def build_model(name: str, weight_dtype: str = "default", seed: int = 0):
     fam = FAMILIES[name]
     cls = getattr(comfy.supported_models, fam.model_class)
     config = dict(fam.config)
-    dtype, manual_cast = (torch.float8_e4m3fn, torch.float32) if weight_dtype == "fp8_e4m3fn" else (torch.float32, None)
+    dtype, manual_cast = (
+        (torch.float8_e4m3fn, torch.float32) if weight_dtype == "fp8_e4m3fn" else (torch.float32, None)
+    )
     while True:
         model_config = cls(dict(config))
         model_config.set_inference_dtype(dtype, manual_cast)
         try:
             if fam.prediction == "v":  # the UNet's v-prediction variant (SD20 picks it from real weights)
-                model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+                model = comfy.model_base.BaseModel(
+                    model_config, model_type=comfy.model_base.ModelType.V_PREDICTION
+                )
             else:
                 model = model_config.get_model({}, "")
             break
@@ -182,7 +186,9 @@ def build_model(name: str, weight_dtype: str = "default", seed: int = 0):
                 raise
             del config[bad[0]]
     sd = fill_state_dict(model.diffusion_model.state_dict(), seed)
-    model.diffusion_model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+    model.diffusion_model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    )
     cpu = torch.device("cpu")
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=cpu)
@@ -234,6 +240,8 @@ def make_data(name: str, count: int = 2, seed: int = 0) -> tuple[dict, list]:
         if fam.llama_layers:
             opts["conditioning_llama3"] = torch.randn(1, fam.llama_layers, tokens, width, generator=gen)
         if fam.concat_latent:
-            opts["concat_latent_image"] = samples[i : i + 1, :, :1].expand(-1, -1, samples.shape[2], -1, -1).clone()
+            opts["concat_latent_image"] = (
+                samples[i : i + 1, :, :1].expand(-1, -1, samples.shape[2], -1, -1).clone()
+            )
         conditioning.append([torch.randn(1, tokens, width, generator=gen), opts])
     return {"samples": samples}, conditioning

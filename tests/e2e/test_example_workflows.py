@@ -29,8 +29,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TINY = [p for p in EXAMPLES if p.name.startswith("loralab_tiny_")]
 BIG = [p for p in EXAMPLES if not p.name.startswith("loralab_tiny_")]
-MODEL_LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader"}
-MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
+MODEL_LOADERS = {
+    "CheckpointLoaderSimple",
+    "UNETLoader",
+    "CLIPLoader",
+    "DualCLIPLoader",
+    "TripleCLIPLoader",
+    "VAELoader",
+}
+MODEL_FILE_INPUTS = {
+    "ckpt_name",
+    "unet_name",
+    "clip_name",
+    "clip_name1",
+    "clip_name2",
+    "clip_name3",
+    "vae_name",
+}
 CONTINUE_FROM = "loralab/tiny_sd3_40_steps_00001.safetensors"  # what loralab_tiny_sd3_lora.json writes first
 IMAGE_FOLDER = "loralab_images"  # the folder the image-folder examples read
 
@@ -63,10 +78,18 @@ def image_folder(comfy_server) -> pathlib.Path:
 
 def test_there_are_tiny_and_big_examples():
     names = {p.name for p in EXAMPLES}
-    assert {"loralab_tiny_sd3_lora.json", "loralab_tiny_sd3_continue.json", "loralab_tiny_sd3_loha_lokr.json",
-            "loralab_sd15_image_folder.json", "loralab_sdxl_image_folder.json", "loralab_sd3_image_folder.json",
-            "loralab_flux_dev_image_folder.json", "loralab_qwen_image_image_folder.json",
-            "loralab_z_image_image_folder.json", "loralab_wan22_5b_image_folder.json"} <= names
+    assert {
+        "loralab_tiny_sd3_lora.json",
+        "loralab_tiny_sd3_continue.json",
+        "loralab_tiny_sd3_loha_lokr.json",
+        "loralab_sd15_image_folder.json",
+        "loralab_sdxl_image_folder.json",
+        "loralab_sd3_image_folder.json",
+        "loralab_flux_dev_image_folder.json",
+        "loralab_qwen_image_image_folder.json",
+        "loralab_z_image_image_folder.json",
+        "loralab_wan22_5b_image_folder.json",
+    } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
@@ -81,7 +104,9 @@ def test_example_has_the_frontends_workflow_shape(path):
     assert wf["last_node_id"] >= max(nodes)
     for link in wf["links"]:
         lid, src, src_slot, dst, dst_slot, typ = link
-        assert all(isinstance(v, int) for v in (lid, src, src_slot, dst, dst_slot)) and isinstance(typ, str), link
+        assert all(isinstance(v, int) for v in (lid, src, src_slot, dst, dst_slot)) and isinstance(
+            typ, str
+        ), link
         assert lid <= wf["last_link_id"] and src in nodes and dst in nodes, link
         assert nodes[dst]["inputs"][dst_slot]["link"] == lid, link
         assert lid in nodes[src]["outputs"][src_slot]["links"], link
@@ -94,7 +119,9 @@ def test_example_converts_with_same_nodes_and_links(comfy_server, path):
     info = comfy_server.object_info
     ui_nodes = {str(n["id"]): n for n in ui["nodes"]}
     assert any(n["type"] == "Note" for n in ui["nodes"]), f"{path.name} has no Note node"
-    assert not {n["type"] for n in ui["nodes"]} & (FRONTEND_ONLY_NODES - {"Note"}), "only Note is expected as frontend node"
+    assert not {n["type"] for n in ui["nodes"]} & (FRONTEND_ONLY_NODES - {"Note"}), (
+        "only Note is expected as frontend node"
+    )
     # every UI node except the Note appears, with the same class
     expected = {k: n["type"] for k, n in ui_nodes.items() if n["type"] != "Note"}
     assert {k: v["class_type"] for k, v in api.items()} == expected
@@ -103,8 +130,12 @@ def test_example_converts_with_same_nodes_and_links(comfy_server, path):
         required = set((info[node["class_type"]]["input"].get("required") or {}).keys())
         assert not required - set(node["inputs"]), f"node {k} lacks {sorted(required - set(node['inputs']))}"
     # the link structure is the same: each UI link is one [source, slot] input in the API prompt
-    api_links = {(v[0], v[1], k, name) for k, node in api.items() for name, v in node["inputs"].items()
-                 if isinstance(v, list)}
+    api_links = {
+        (v[0], v[1], k, name)
+        for k, node in api.items()
+        for name, v in node["inputs"].items()
+        if isinstance(v, list)
+    }
     ui_links = set()
     for lid, src, src_slot, dst, dst_slot, _type in ui["links"]:
         dst_node = ui_nodes[str(dst)]
@@ -125,8 +156,10 @@ def _ensure_continue_source(comfy_server) -> None:
     target = comfy_server.base_dir / "models" / "loras" / CONTINUE_FROM
     if target.is_file():
         return
-    result = comfy_server.client.run(_convert(ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json",
-                                              comfy_server.object_info), timeout=600)
+    result = comfy_server.client.run(
+        _convert(ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json", comfy_server.object_info),
+        timeout=600,
+    )
     assert result.status == "success", result.error_message
     if not target.is_file():  # another test used the prefix and removed its files: copy this run's file
         made = sorted(target.parent.glob("tiny_sd3_40_steps_*.safetensors"))
@@ -173,14 +206,22 @@ def test_load_image_caption_folder_feeds_one_preview_per_image(comfy_server):
     folder = comfy_server.base_dir / "input" / "loralab_test_folder"
     folder.mkdir(parents=True, exist_ok=True)
     for name, (w, h) in {"a.png": (128, 128), "b.jpg": (256, 128), "c.webp": (100, 300)}.items():
-        _write_png(folder / name, w, h, len(name)) if name.endswith(".png") else \
-            Image.new("RGB", (w, h), (200, 10, 10)).save(folder / name)
+        _write_png(folder / name, w, h, len(name)) if name.endswith(".png") else Image.new(
+            "RGB", (w, h), (200, 10, 10)
+        ).save(folder / name)
     (folder / "a.txt").write_text("first")
     (folder / "b.txt").write_text("second")
     (folder / "notes.md").write_text("not an image")
     prompt = {
-        "1": {"class_type": "LoraLab_LoadImageCaptionFolder",
-              "inputs": {"folder": "loralab_test_folder", "resolution": 128, "caption_extension": ".txt", "default_caption": "x"}},
+        "1": {
+            "class_type": "LoraLab_LoadImageCaptionFolder",
+            "inputs": {
+                "folder": "loralab_test_folder",
+                "resolution": 128,
+                "caption_extension": ".txt",
+                "default_caption": "x",
+            },
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     result = comfy_server.client.run(prompt, timeout=120)
@@ -189,7 +230,9 @@ def test_load_image_caption_folder_feeds_one_preview_per_image(comfy_server):
     assert len(images) == 3
     sizes = []
     for img in images:
-        with Image.open(comfy_server.base_dir / img["type"] / img.get("subfolder", "") / img["filename"]) as im:
+        with Image.open(
+            comfy_server.base_dir / img["type"] / img.get("subfolder", "") / img["filename"]
+        ) as im:
             sizes.append(im.size)
     assert sorted(sizes) == sorted([(128, 128), (192, 64), (64, 192)])
 
@@ -197,8 +240,15 @@ def test_load_image_caption_folder_feeds_one_preview_per_image(comfy_server):
 @pytest.mark.parametrize("folder", ["../input", "/tmp", "a/../../x", "loralab_no_such_folder"])
 def test_load_image_caption_folder_refuses_bad_folders_at_queue_time(comfy_server, folder):
     prompt = {
-        "1": {"class_type": "LoraLab_LoadImageCaptionFolder",
-              "inputs": {"folder": folder, "resolution": 512, "caption_extension": ".txt", "default_caption": ""}},
+        "1": {
+            "class_type": "LoraLab_LoadImageCaptionFolder",
+            "inputs": {
+                "folder": folder,
+                "resolution": 512,
+                "caption_extension": ".txt",
+                "default_caption": "",
+            },
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     with pytest.raises(PromptRejected) as info:
@@ -210,8 +260,15 @@ def test_load_image_caption_folder_refuses_bad_folders_at_queue_time(comfy_serve
 def test_load_image_caption_folder_empty_folder_fails_naming_folder(comfy_server):
     (comfy_server.base_dir / "input" / "loralab_empty_folder").mkdir(parents=True, exist_ok=True)
     prompt = {
-        "1": {"class_type": "LoraLab_LoadImageCaptionFolder",
-              "inputs": {"folder": "loralab_empty_folder", "resolution": 512, "caption_extension": ".txt", "default_caption": ""}},
+        "1": {
+            "class_type": "LoraLab_LoadImageCaptionFolder",
+            "inputs": {
+                "folder": "loralab_empty_folder",
+                "resolution": 512,
+                "caption_extension": ".txt",
+                "default_caption": "",
+            },
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     result = comfy_server.client.run(prompt, timeout=120)

@@ -94,7 +94,9 @@ def test_family_learns_and_its_file_applies_like_model_with_lora(comfy_server, f
     # the diffusers naming through the pack's loader (stock loaders skip the attention layers of SD UNet
     # diffusers files, which ComfyUI maps only in their old "processor" spelling) and, elsewhere, stock
     diffusers_name = saved_lora(result, save_diffusers)[0]
-    applied.append(g2.denoise_loss(g2.apply_lora(tiny2[0], g2.load_lora(diffusers_name)[0]), tiny2[1], tiny2[2]))
+    applied.append(
+        g2.denoise_loss(g2.apply_lora(tiny2[0], g2.load_lora(diffusers_name)[0]), tiny2[1], tiny2[2])
+    )
     if not family.startswith(("sd15", "sd2", "sdxl")):
         applied.append(g2.denoise_loss(g2.lora_loader(tiny2[0], diffusers_name), tiny2[1], tiny2[2]))
     result2, log = run_logged(comfy_server, g2.prompt)

@@ -81,7 +81,6 @@ ALL_SUFFIXES = set().union(*SUFFIXES.values())
 # ---------------------------------------------------------------------- helpers
 
 
-
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -766,7 +765,9 @@ def resumed_algo(request, comfy_server):
     g = Graph()
     model = g.unet()
     latents, positive = g.dataset()
-    full = g.train_with_options(model, latents, positive, _resume_options(g, f"{DIR}/ck_{algo}/run"), steps=2 * N, **train)
+    full = g.train_with_options(
+        model, latents, positive, _resume_options(g, f"{DIR}/ck_{algo}/run"), steps=2 * N, **train
+    )
     save_a = g.save_lora(full[LORA_OUT], f"{DIR}/resume_{algo}_a", steps=full[STEPS_OUT])
     first = run_ok(comfy, g.prompt)
     name_a, path_a = saved_lora(first, save_a)
@@ -777,7 +778,9 @@ def resumed_algo(request, comfy_server):
     cont = g.train_with_options(model, latents, positive, _resume_options(g, f"{DIR}/ck_{algo}2/run"), steps=N,
                                 existing_lora=f"{DIR}/ck_{algo}/run_{N}_steps_00001.safetensors", **train)  # fmt: skip
     save_b = g.save_lora(cont[LORA_OUT], f"{DIR}/resume_{algo}_b", steps=cont[STEPS_OUT])
-    still = g.train(model, latents, positive, steps=1, existing_lora=name_a, **{**train, "learning_rate": 1e-7})
+    still = g.train(
+        model, latents, positive, steps=1, existing_lora=name_a, **{**train, "learning_rate": 1e-7}
+    )
     save_c = g.save_lora(still[LORA_OUT], f"{DIR}/resume_{algo}_c", steps=still[STEPS_OUT])
     second = run_ok(comfy, g.prompt)
     return {"algo": algo, "a": lora_tensors(path_a), "b": lora_tensors(saved_lora(second, save_b)[1]),

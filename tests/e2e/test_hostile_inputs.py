@@ -132,7 +132,8 @@ def test_dataset_list_holds_only_regular_files_inside_input(comfy_server, outsid
 
 
 @pytest.mark.parametrize(
-    "case", ["absolute_existing", "absolute_missing", "relative_existing", "relative_missing", "link_out", "fifo"]
+    "case",
+    ["absolute_existing", "absolute_missing", "relative_existing", "relative_missing", "link_out", "fifo"],
 )
 def test_dataset_outside_input_is_refused_when_queued(comfy_server, outside, case):
     """Before issue 17 validate_inputs asked only whether the path existed: an existing outside file
@@ -178,7 +179,9 @@ def png_header_only(path: pathlib.Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def _stage_folder(comfy_server, case: str, tmp_path) -> tuple[str, int, list[str]]:
@@ -258,7 +261,9 @@ def test_keep_checkpoints_prunes_this_runs_older_checkpoints_only(kept):
         "ck_5_steps_00006.safetensors", "ck_5_steps_00006.lorastate",
     ]), names  # fmt: skip
     assert all(p.read_bytes() == b"an earlier run's file" for p in kept["earlier"])
-    assert kept["log"].count("removed the older checkpoint file") == 6  # steps 2 and 3 (step 1 is ck_1_..._00002)
+    assert (
+        kept["log"].count("removed the older checkpoint file") == 6
+    )  # steps 2 and 3 (step 1 is ck_1_..._00002)
 
 
 def test_sidecar_records_its_loras_hash(kept):
@@ -287,7 +292,9 @@ def test_foreign_sidecar_is_ignored_with_a_warning(comfy_server, kept):
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "ck_4_steps_00005.safetensors", dst / "ck_4_steps_00005.safetensors")
     shutil.copyfile(src / "ck_5_steps_00006.lorastate", dst / "ck_4_steps_00005.lorastate")
-    name, log = _continue(comfy_server, f"{DIR}/foreign/ck_4_steps_00005.safetensors", f"{DIR}/foreign_out", 172)
+    name, log = _continue(
+        comfy_server, f"{DIR}/foreign/ck_4_steps_00005.safetensors", f"{DIR}/foreign_out", 172
+    )
     warned = [line for line in log.splitlines() if "ignoring its training state" in line]
     print("\n".join(warned))
     assert len(warned) == 1 and "belongs to another LoRA file" in warned[0], log[-3000:]
@@ -313,8 +320,12 @@ def test_bogus_step_counts_in_files_are_ignored_with_a_warning(comfy_server, kep
         meta = json.loads(f.metadata()["loralab.trainstate"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta["step"] = 1e308
-    save_file(state, str(folder / "ck_5_steps_00006.lorastate"), metadata={"loralab.trainstate": json.dumps(meta)})
-    name, log = _continue(comfy_server, f"{DIR}/steps/ck_5_steps_00006.safetensors", f"{DIR}/steps_state", 174)
+    save_file(
+        state, str(folder / "ck_5_steps_00006.lorastate"), metadata={"loralab.trainstate": json.dumps(meta)}
+    )
+    name, log = _continue(
+        comfy_server, f"{DIR}/steps/ck_5_steps_00006.safetensors", f"{DIR}/steps_state", 174
+    )
     assert name.startswith(f"{DIR}/steps_state_6_steps_"), name
     warned = [line for line in log.splitlines() if "ignoring its training state" in line]
     assert len(warned) == 1 and "not a whole number" in warned[0], log[-3000:]

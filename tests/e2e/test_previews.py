@@ -72,15 +72,21 @@ def test_interrupt_during_a_preview_stops_within_a_sampling_step_and_writes_noth
         if etype == "progress" and data.get("max") == 5000 and "asked" not in seen:
             seen["asked"] = time.monotonic()
             comfy.interrupt()
-        elif etype in ("execution_interrupted", "execution_error", "execution_success") and "ended" not in seen:
+        elif (
+            etype in ("execution_interrupted", "execution_error", "execution_success") and "ended" not in seen
+        ):
             seen["ended"] = time.monotonic()
 
     result = comfy.run(g.prompt, timeout=240, on_event=on_event)
     assert "asked" in seen and result.status == "interrupted", result.error_message
     sampled = max(e["value"] for e in result.events_of("progress") if e.get("max") == 5000)
-    print(f"preview interrupt: stopped {seen['ended'] - seen['asked']:.2f} s after the request, at sampling step {sampled}")
+    print(
+        f"preview interrupt: stopped {seen['ended'] - seen['asked']:.2f} s after the request, at sampling step {sampled}"
+    )
     assert seen["ended"] - seen["asked"] < 10.0 and sampled < 5000
-    assert not (comfy_server.output_dir / DIR / "interrupted").exists() or not any((comfy_server.output_dir / DIR / "interrupted").iterdir())
+    assert not (comfy_server.output_dir / DIR / "interrupted").exists() or not any(
+        (comfy_server.output_dir / DIR / "interrupted").iterdir()
+    )
     assert not list((comfy_server.base_dir / "models" / "loras" / DIR).glob("interrupted_*"))
 
     g2, _, save2 = _graph(False, "after_interrupt")
@@ -98,12 +104,16 @@ def test_held_out_loss_reaches_the_events_and_equals_denoise_loss_of_the_result(
     g = Graph()
     tiny = g.add(TINY, family="sd15", weight_dtype="default", seed=0, count=2)
     held = g.add(TINY, family="sd15", weight_dtype="default", seed=5, count=2)  # same model, other data
-    validation = g.add("LoraLab_ValidationSet", latents=held[1], positive=held[2], every_n_steps=2, seed=3, levels=4)
+    validation = g.add(
+        "LoraLab_ValidationSet", latents=held[1], positive=held[2], every_n_steps=2, seed=3, levels=4
+    )
     options = g.training_options(checkpoint_prefix=f"{DIR}/ck")
     g.prompt[options.id]["inputs"]["validation"] = validation[0]
     trainer = g.train_with_options(tiny[0], tiny[1], tiny[2], options, steps=4, rank=4, learning_rate=0.01,
                                    training_dtype="fp32", lora_dtype="fp32")  # fmt: skip
-    after = g.add("LoraLab_DenoiseLoss", model=trainer[MODEL_OUT], latents=held[1], positive=held[2], seed=3, levels=4)
+    after = g.add(
+        "LoraLab_DenoiseLoss", model=trainer[MODEL_OUT], latents=held[1], positive=held[2], seed=3, levels=4
+    )
     plot = g.plot_loss(trainer[LOSS_OUT], f"{DIR}/loss")
     result = run_ok(comfy_server.client, g.prompt, timeout=300)
     pairs = [pair for e in loralab_progress(result, trainer) for pair in e.get("validation", [])]

@@ -76,7 +76,6 @@ _health_seed = iter(range(9000, 10000))
 # ---------------------------------------------------------------------- helpers
 
 
-
 def node_error(result, node) -> str:
     """The exception message of an execution_error raised by ``node``."""
     assert result.status == "error", f"expected an execution error, got {result.status}"
@@ -323,7 +322,10 @@ def test_diverging_run_stops_naming_learning_rate_and_keeps_finite_checkpoints(c
     model = g.unet()
     latents, positive = g.dataset()
     options = g.training_options(
-        max_grad_norm=0.0, save_every=DIVERGE_SAVE_EVERY, keep_checkpoints=0, checkpoint_prefix=f"{DIR}/diverge/ck"
+        max_grad_norm=0.0,
+        save_every=DIVERGE_SAVE_EVERY,
+        keep_checkpoints=0,
+        checkpoint_prefix=f"{DIR}/diverge/ck",
     )
     trainer = g.train_with_options(model, latents, positive, options, steps=DIVERGE_STEPS, **DIVERGE)
     g.save_lora(trainer[LORA_OUT], f"{DIR}/diverge/final", steps=trainer[STEPS_OUT])
@@ -382,15 +384,21 @@ def test_out_of_memory_is_an_error_saying_what_to_change_and_the_next_prompt_tra
     result = comfy.run(g.prompt, timeout=300)
     message = node_error(result, trainer)
     print(f"out of memory ({kind}): {message}")
-    found = re.search(rf"out of memory at step (\d+) of {OOM_STEPS} on cpu \(this process holds [\d.]+ GiB", message)
+    found = re.search(
+        rf"out of memory at step (\d+) of {OOM_STEPS} on cpu \(this process holds [\d.]+ GiB", message
+    )
     assert found and 1 < int(found.group(1)) < OOM_STEPS, message
     step = int(found.group(1))
-    assert "To fit:" in message and "weight_dtype fp8_e4m3fn" in message and "training_dtype to bf16" in message
+    assert (
+        "To fit:" in message and "weight_dtype fp8_e4m3fn" in message and "training_dtype to bf16" in message
+    )
     assert "injected by the test kit" in message  # what the allocator said
 
     names = sorted(p.name for p in ck_folder.iterdir())
     loras = [n for n in names if n.endswith(".safetensors")]
-    assert [int(re.match(r"ck_(\d+)_steps_", n).group(1)) for n in loras] == list(range(1, step)), names  # no final
+    assert [int(re.match(r"ck_(\d+)_steps_", n).group(1)) for n in loras] == list(range(1, step)), (
+        names
+    )  # no final
     assert not [n for n in names if ".tmp" in n], names
 
     g = Graph()
@@ -807,7 +815,9 @@ def test_checkpoint_on_full_or_read_only_disk(comfy_server, small_disks, label, 
     assert "checkpoint_prefix" in message and cause in message, message
     assert f"{DIR}_{label}/{failed}" in message, message
     if cause == "not enough free space":
-        assert "No space left on device" in message and "save_every" in message and "keep_checkpoints" in message
+        assert (
+            "No space left on device" in message and "save_every" in message and "keep_checkpoints" in message
+        )
         assert "ck_1_steps_00001.safetensors" in message and "ck_1_steps_00001.lorastate" in message
     assert _listing(folder) == before, "a partial checkpoint or temporary file was left behind"
     assert not list((loras_root(comfy_server) / DIR).glob(f"never_ck_{label}*"))

@@ -17,7 +17,12 @@ pytestmark = pytest.mark.server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PREFIX = "LoraLab_"
-EXPECTED_NODES = {"LoraLab_TrainLoraNode", "LoraLab_LoadLatentDataset", "LoraLab_SaveLora", "LoraLab_PlotLoss"}
+EXPECTED_NODES = {
+    "LoraLab_TrainLoraNode",
+    "LoraLab_LoadLatentDataset",
+    "LoraLab_SaveLora",
+    "LoraLab_PlotLoss",
+}
 EXAMPLE = ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json"
 
 
@@ -83,7 +88,9 @@ def test_object_info_agrees_with_the_option_table(comfy_server):
         for option in table:
             kind, spec = required[option.name][0], required[option.name][1]
             if option.kind == "combo":
-                assert (kind if isinstance(kind, list) else spec.get("options")) == list(option.choices), option.name
+                assert (kind if isinstance(kind, list) else spec.get("options")) == list(option.choices), (
+                    option.name
+                )
             else:
                 assert kind == kinds[option.kind], (option.name, kind)
             assert spec["default"] == option.widget_default, (option.name, spec["default"])
@@ -128,8 +135,10 @@ def test_execution_error_is_reported(comfy_server):
     # LoadLatent with a file that is no latent: validation passes (the file exists), loading fails.
     bogus = comfy_server.base_dir / "input" / "smoke-not-a-latent.latent"
     bogus.write_bytes(b"this is not a safetensors file")
-    prompt = {"1": {"class_type": "LoadLatent", "inputs": {"latent": bogus.name}},
-              "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "smoke/bad"}}}
+    prompt = {
+        "1": {"class_type": "LoadLatent", "inputs": {"latent": bogus.name}},
+        "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "smoke/bad"}},
+    }
     try:
         result = comfy_server.client.run(prompt, timeout=120)
     finally:

@@ -68,7 +68,6 @@ CHANNELS, CONTEXT_DIM, TOKENS, POOLED_DIM = 16, 64, 8, 64
 # ---------------------------------------------------------------------- helpers
 
 
-
 def write_dataset(comfy_server, name: str, n: int, height: int = 16, width: int = 16, seed: int = 100) -> str:
     """A latent dataset file (the pack's loader format) in the server's input folder."""
     path = comfy_server.base_dir / "input" / name
@@ -246,7 +245,9 @@ def _write_shard(
 ) -> str:
     """A dataset for stock LoadTrainingDataset: a list of LATENT dicts and a list of CONDITIONINGs."""
     latents = [{"samples": lat[None].clone()} for lat, _, _ in items]
-    conditioning = [[[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items]
+    conditioning = [
+        [[ctx[None].clone(), {"pooled_output": pooled[None].clone()}]] for _, ctx, pooled in items
+    ]
     write_stock_dataset(comfy_server.base_dir, folder, latents, conditioning)
     return folder
 

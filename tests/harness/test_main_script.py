@@ -27,14 +27,21 @@ def test_format_step(main_mod):
 
 
 def test_output_paths(main_mod, tmp_path):
-    result = RunResult("p", "success", {
-        "4": {"loras": [{"filename": "loralab/tiny_sd3_40_steps_00001.safetensors", "type": "loras"}]},
-        "5": {"images": [{"filename": "loss_00001_.png", "subfolder": "loralab", "type": "output"}]},
-        "6": {"loras": [{"filename": "x.safetensors", "path": "/abs/x.safetensors"}]},
-    }, None)
+    result = RunResult(
+        "p",
+        "success",
+        {
+            "4": {"loras": [{"filename": "loralab/tiny_sd3_40_steps_00001.safetensors", "type": "loras"}]},
+            "5": {"images": [{"filename": "loss_00001_.png", "subfolder": "loralab", "type": "output"}]},
+            "6": {"loras": [{"filename": "x.safetensors", "path": "/abs/x.safetensors"}]},
+        },
+        None,
+    )
     loras, images = main_mod.output_paths(result, tmp_path)
-    assert loras == [tmp_path / "models" / "loras" / "loralab" / "tiny_sd3_40_steps_00001.safetensors",
-                     pathlib.Path("/abs/x.safetensors")]
+    assert loras == [
+        tmp_path / "models" / "loras" / "loralab" / "tiny_sd3_40_steps_00001.safetensors",
+        pathlib.Path("/abs/x.safetensors"),
+    ]
     assert images == [tmp_path / "output" / "loralab" / "loss_00001_.png"]
 
 
@@ -43,12 +50,20 @@ def test_progress_printer_prefers_the_pack_event(main_mod, capsys):
     printer = main_mod.ProgressPrinter(prompt)
     printer("executing", {"node": "3", "prompt_id": "p"})
     printer("progress", {"node": "3", "value": 1, "max": 2, "prompt_id": "p"})
-    printer("loralab.progress", {"node": "3", "step": 1, "total": 2, "loss": 1.0, "lr": 1e-3, "steps_per_s": 5.0})
+    printer(
+        "loralab.progress", {"node": "3", "step": 1, "total": 2, "loss": 1.0, "lr": 1e-3, "steps_per_s": 5.0}
+    )
     printer("progress", {"node": "3", "value": 2, "max": 2, "prompt_id": "p"})  # muted now
-    printer("loralab.progress", {"node": "3", "step": 2, "total": 2, "loss": 0.5, "lr": 1e-3, "steps_per_s": 6.0})
+    printer(
+        "loralab.progress", {"node": "3", "step": 2, "total": 2, "loss": 0.5, "lr": 1e-3, "steps_per_s": 6.0}
+    )
     out = capsys.readouterr().out.splitlines()
-    assert out == ["running node 3 (Train)", "  node 3 (Train): 1/2",
-                   "  step 1/2 loss 1.0000 lr 1.0e-03 5.0 it/s", "  step 2/2 loss 0.5000 lr 1.0e-03 6.0 it/s"]
+    assert out == [
+        "running node 3 (Train)",
+        "  node 3 (Train): 1/2",
+        "  step 1/2 loss 1.0000 lr 1.0e-03 5.0 it/s",
+        "  step 2/2 loss 0.5000 lr 1.0e-03 6.0 it/s",
+    ]
     assert printer.steps_per_s() == 6.0
 
 

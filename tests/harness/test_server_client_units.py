@@ -160,12 +160,26 @@ def test_client_http_error_when_nothing_listens():
 
 def test_prompt_rejected_message_lists_node_errors():
     body = {
-        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                  "details": "", "extra_info": {}},
-        "node_errors": {"4": {"class_type": "SaveLatent", "dependent_outputs": ["4"],
-                              "errors": [{"type": "required_input_missing",
-                                          "message": "Required input is missing",
-                                          "details": "samples", "extra_info": {}}]}},
+        "error": {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": "",
+            "extra_info": {},
+        },
+        "node_errors": {
+            "4": {
+                "class_type": "SaveLatent",
+                "dependent_outputs": ["4"],
+                "errors": [
+                    {
+                        "type": "required_input_missing",
+                        "message": "Required input is missing",
+                        "details": "samples",
+                        "extra_info": {},
+                    }
+                ],
+            }
+        },
     }
     e = PromptRejected(body)
     assert e.error["type"] == "prompt_outputs_failed_validation"
@@ -174,19 +188,37 @@ def test_prompt_rejected_message_lists_node_errors():
 
 
 def test_terminal_from_history():
-    entry = {"status": {"status_str": "error", "completed": False, "messages": [
-        ["execution_start", {"prompt_id": "p"}],
-        ["execution_error", {"prompt_id": "p", "node_id": "3", "exception_message": "bad"}],
-    ]}}
+    entry = {
+        "status": {
+            "status_str": "error",
+            "completed": False,
+            "messages": [
+                ["execution_start", {"prompt_id": "p"}],
+                ["execution_error", {"prompt_id": "p", "node_id": "3", "exception_message": "bad"}],
+            ],
+        }
+    }
     assert _terminal_from_history(entry, "p") == (
-        "execution_error", {"prompt_id": "p", "node_id": "3", "exception_message": "bad"})
+        "execution_error",
+        {"prompt_id": "p", "node_id": "3", "exception_message": "bad"},
+    )
     ok = {"status": {"status_str": "success", "messages": []}}
     assert _terminal_from_history(ok, "p")[0] == "execution_success"
 
 
 def test_run_result_error_message():
-    r = RunResult("p", "error", {}, {"node_id": "3", "node_type": "X", "exception_type": "ValueError",
-                                      "exception_message": "nope\n", "traceback": ["  File a\n", "    b\n"]})
+    r = RunResult(
+        "p",
+        "error",
+        {},
+        {
+            "node_id": "3",
+            "node_type": "X",
+            "exception_type": "ValueError",
+            "exception_message": "nope\n",
+            "traceback": ["  File a\n", "    b\n"],
+        },
+    )
     assert r.error_message.startswith("X (node 3): ValueError: nope")
     assert "File a" in r.error_message
     assert RunResult("p", "success", {}, None).error_message == ""

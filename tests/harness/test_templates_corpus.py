@@ -40,8 +40,12 @@ def _template_files() -> list[pathlib.Path]:
 def _convertible(wf: dict, object_info: dict) -> bool:
     if "nodes" not in wf or (wf.get("definitions") or {}).get("subgraphs"):
         return False
-    return all(n.get("type") in object_info or n.get("type") in FRONTEND_ONLY_NODES
-               or n.get("mode") in (MODE_MUTED, MODE_BYPASS) for n in wf["nodes"])
+    return all(
+        n.get("type") in object_info
+        or n.get("type") in FRONTEND_ONLY_NODES
+        or n.get("mode") in (MODE_MUTED, MODE_BYPASS)
+        for n in wf["nodes"]
+    )
 
 
 def test_stock_templates_convert(comfy_server):
@@ -68,8 +72,10 @@ def test_stock_templates_convert(comfy_server):
             # Frontend extensions may append widgets of their own (3D viewers, API-node status), so a
             # template may hold more values than the definition implies, never fewer.
             if len(node["widgets_values"]) < len(layout):
-                too_few.append(f"{path.name}: node {node['id']} {node['type']} "
-                               f"{len(node['widgets_values'])} < {len(layout)}")
+                too_few.append(
+                    f"{path.name}: node {node['id']} {node['type']} "
+                    f"{len(node['widgets_values'])} < {len(layout)}"
+                )
         for node_id, entry in api.items():
             assert entry["class_type"] in info, (path.name, node_id)
             for name, value in entry["inputs"].items():

@@ -41,14 +41,22 @@ OBJECT_INFO = {
         "output": ["LATENT"],
     },
     "NoControl": {
-        "input": {"required": {"seed": ["INT", {"default": 0, "control_after_generate": False}],
-                               "noise_seed": ["INT", {"default": 1}]}},
+        "input": {
+            "required": {
+                "seed": ["INT", {"default": 0, "control_after_generate": False}],
+                "noise_seed": ["INT", {"default": 1}],
+            }
+        },
         "output": ["INT"],
     },
     "Controlled": {
-        "input": {"required": {"value": ["INT", {"default": 0, "control_after_generate": True}],
-                               "choice": [["x", "y"], {"control_after_generate": True}],
-                               "text": ["STRING", {"default": "t"}]}},
+        "input": {
+            "required": {
+                "value": ["INT", {"default": 0, "control_after_generate": True}],
+                "choice": [["x", "y"], {"control_after_generate": True}],
+                "text": ["STRING", {"default": "t"}],
+            }
+        },
         "output": ["INT"],
     },
     "ImageLoader": {
@@ -74,16 +82,26 @@ OBJECT_INFO = {
         "output": ["LATENT"],
     },
     "Widgety": {
-        "input": {"required": {"custom": ["MYTYPE", {"widgetType": "STRING", "default": "w"}],
-                               "forced": ["FLOAT", {"forceInput": True}]}},
+        "input": {
+            "required": {
+                "custom": ["MYTYPE", {"widgetType": "STRING", "default": "w"}],
+                "forced": ["FLOAT", {"forceInput": True}],
+            }
+        },
         "output": ["LATENT"],
     },
 }
 
 
 def node(nid, ntype, widgets=(), inputs=(), outputs=(), mode=0, **extra):
-    d = {"id": nid, "type": ntype, "mode": mode, "widgets_values": list(widgets),
-         "inputs": [dict(i) for i in inputs], "outputs": [dict(o) for o in outputs]}
+    d = {
+        "id": nid,
+        "type": ntype,
+        "mode": mode,
+        "widgets_values": list(widgets),
+        "inputs": [dict(i) for i in inputs],
+        "outputs": [dict(o) for o in outputs],
+    }
     d.update(extra)
     return d
 
@@ -104,12 +122,24 @@ def basic_graph():
     return {
         "nodes": [
             node(1, "Loader", ["b.safetensors"], outputs=[o("MODEL", "MODEL", [1])]),
-            node(2, "Passthrough", [0.5], inputs=[i("latent", "LATENT", None)],
-                 outputs=[o("LATENT", "LATENT", [2])]),
-            node(3, "Sampler", [42, "randomize", 7, 3.5, "heun", 0.75],
-                 inputs=[i("model", "MODEL", 1), i("latent", "LATENT", 2),
-                         i("seed", "INT", None, widget=True)],
-                 outputs=[o("LATENT", "LATENT", [3])]),
+            node(
+                2,
+                "Passthrough",
+                [0.5],
+                inputs=[i("latent", "LATENT", None)],
+                outputs=[o("LATENT", "LATENT", [2])],
+            ),
+            node(
+                3,
+                "Sampler",
+                [42, "randomize", 7, 3.5, "heun", 0.75],
+                inputs=[
+                    i("model", "MODEL", 1),
+                    i("latent", "LATENT", 2),
+                    i("seed", "INT", None, widget=True),
+                ],
+                outputs=[o("LATENT", "LATENT", [3])],
+            ),
             node(4, "Saver", ["pre", "note!"], inputs=[i("samples", "LATENT", 3)], title="My saver"),
             node(5, "Note", ["just a note"]),
         ],
@@ -125,11 +155,19 @@ def basic_graph():
 def test_basic_conversion_maps_widgets_links_and_skips_seed_control():
     api = ui_to_api(basic_graph(), OBJECT_INFO)
     assert set(api) == {"1", "2", "3", "4"}  # the Note is frontend-only
-    assert api["1"] == {"class_type": "Loader", "inputs": {"ckpt_name": "b.safetensors"},
-                        "_meta": {"title": "Load Checkpoint"}}
+    assert api["1"] == {
+        "class_type": "Loader",
+        "inputs": {"ckpt_name": "b.safetensors"},
+        "_meta": {"title": "Load Checkpoint"},
+    }
     assert api["3"]["inputs"] == {
-        "seed": 42, "steps": 7, "cfg": 3.5, "sampler_name": "heun", "denoise": 0.75,
-        "model": ["1", 0], "latent": ["2", 0],
+        "seed": 42,
+        "steps": 7,
+        "cfg": 3.5,
+        "sampler_name": "heun",
+        "denoise": 0.75,
+        "model": ["1", 0],
+        "latent": ["2", 0],
     }
     assert api["4"]["inputs"] == {"filename_prefix": "pre", "note": "note!", "samples": ["3", 0]}
     assert api["4"]["_meta"] == {"title": "My saver"}
@@ -143,15 +181,28 @@ def test_without_meta():
 
 def test_widget_layout_rules():
     assert widget_layout(OBJECT_INFO["Sampler"]) == [
-        WidgetSlot("seed"), WidgetSlot("seed", "control"), WidgetSlot("steps"), WidgetSlot("cfg"),
-        WidgetSlot("sampler_name"), WidgetSlot("denoise"),
+        WidgetSlot("seed"),
+        WidgetSlot("seed", "control"),
+        WidgetSlot("steps"),
+        WidgetSlot("cfg"),
+        WidgetSlot("sampler_name"),
+        WidgetSlot("denoise"),
     ]
     # explicit control_after_generate False turns the default off; noise_seed gets it by name
     assert widget_layout(OBJECT_INFO["NoControl"]) == [
-        WidgetSlot("seed"), WidgetSlot("noise_seed"), WidgetSlot("noise_seed", "control")]
+        WidgetSlot("seed"),
+        WidgetSlot("noise_seed"),
+        WidgetSlot("noise_seed", "control"),
+    ]
     # INT with the option: one extra; COMBO with it: control + filter list
     assert [s.kind for s in widget_layout(OBJECT_INFO["Controlled"])] == [
-        "value", "control", "value", "control", "filter", "value"]
+        "value",
+        "control",
+        "value",
+        "control",
+        "filter",
+        "value",
+    ]
     assert widget_layout(OBJECT_INFO["ImageLoader"]) == [WidgetSlot("image"), WidgetSlot("image", "upload")]
     assert widget_layout(OBJECT_INFO["Ordered"]) == [WidgetSlot("a"), WidgetSlot("b")]
     # forceInput and hidden inputs are no widgets; widgetType makes a custom type one
@@ -160,12 +211,15 @@ def test_widget_layout_rules():
 
 
 def test_control_and_upload_values_are_skipped():
-    wf = {"nodes": [
-        node(1, "Controlled", [5, "increment", "y", "fixed", "", "hello"]),
-        node(2, "ImageLoader", ["in.png", "image"]),
-        node(3, "NoControl", [3, 4, "fixed"]),
-        node(4, "Ordered", [10, 20]),
-    ], "links": []}
+    wf = {
+        "nodes": [
+            node(1, "Controlled", [5, "increment", "y", "fixed", "", "hello"]),
+            node(2, "ImageLoader", ["in.png", "image"]),
+            node(3, "NoControl", [3, 4, "fixed"]),
+            node(4, "Ordered", [10, 20]),
+        ],
+        "links": [],
+    }
     api = ui_to_api(wf, OBJECT_INFO, strict=True)
     assert api["1"]["inputs"] == {"value": 5, "choice": "y", "text": "hello"}
     assert api["2"]["inputs"] == {"image": "in.png"}
@@ -203,10 +257,21 @@ def test_muted_source_of_a_widget_keeps_the_widget_value():
 def test_bypassed_node_is_wired_through():
     wf = basic_graph()
     # Loader -> ... and a latent source: Sampler(3) -> Passthrough(7, bypassed) -> Saver(4)
-    wf["nodes"].append(node(7, "Passthrough", [1.0], inputs=[i("latent", "LATENT", 5)],
-                            outputs=[o("LATENT", "LATENT", [6])], mode=4))
+    wf["nodes"].append(
+        node(
+            7,
+            "Passthrough",
+            [1.0],
+            inputs=[i("latent", "LATENT", 5)],
+            outputs=[o("LATENT", "LATENT", [6])],
+            mode=4,
+        )
+    )
     wf["nodes"][3]["inputs"][0]["link"] = 6
-    wf["links"] = [lk for lk in wf["links"] if lk[0] != 3] + [[5, 3, 0, 7, 0, "LATENT"], [6, 7, 0, 4, 0, "LATENT"]]
+    wf["links"] = [lk for lk in wf["links"] if lk[0] != 3] + [
+        [5, 3, 0, 7, 0, "LATENT"],
+        [6, 7, 0, 4, 0, "LATENT"],
+    ]
     api = ui_to_api(wf, OBJECT_INFO)
     assert "7" not in api
     assert api["4"]["inputs"]["samples"] == ["3", 0]
@@ -227,7 +292,11 @@ def test_reroute_is_followed_and_primitive_value_inlined():
     wf["nodes"].append(node(10, "PrimitiveNode", [1234, "fixed"], outputs=[o("INT", "INT", [13])]))
     wf["nodes"][2]["inputs"][2]["link"] = 13
     wf["links"] = [lk for lk in wf["links"] if lk[0] != 1] + [
-        [10, 1, 0, 8, 0, "MODEL"], [11, 8, 0, 9, 0, "MODEL"], [12, 9, 0, 3, 0, "MODEL"], [13, 10, 0, 3, 2, "INT"]]
+        [10, 1, 0, 8, 0, "MODEL"],
+        [11, 8, 0, 9, 0, "MODEL"],
+        [12, 9, 0, 3, 0, "MODEL"],
+        [13, 10, 0, 3, 2, "INT"],
+    ]
     api = ui_to_api(wf, OBJECT_INFO)
     assert not {"8", "9", "10"} & set(api)
     assert api["3"]["inputs"]["model"] == ["1", 0]
@@ -237,8 +306,14 @@ def test_reroute_is_followed_and_primitive_value_inlined():
 def test_link_objects_of_schema_version_1():
     wf = basic_graph()
     wf["links"] = [
-        {"id": lk[0], "origin_id": lk[1], "origin_slot": lk[2], "target_id": lk[3], "target_slot": lk[4],
-         "type": lk[5]}
+        {
+            "id": lk[0],
+            "origin_id": lk[1],
+            "origin_slot": lk[2],
+            "target_id": lk[3],
+            "target_slot": lk[4],
+            "type": lk[5],
+        }
         for lk in wf["links"]
     ]
     assert ui_to_api(wf, OBJECT_INFO) == ui_to_api(basic_graph(), OBJECT_INFO)
@@ -300,8 +375,12 @@ def test_input_is_not_modified():
 
 PACK_INFO = {
     "UNETLoader": {
-        "input": {"required": {"unet_name": [["loralab-tiny-sd3.safetensors"]],
-                               "weight_dtype": [["default", "fp8_e4m3fn"]]}},
+        "input": {
+            "required": {
+                "unet_name": [["loralab-tiny-sd3.safetensors"]],
+                "weight_dtype": [["default", "fp8_e4m3fn"]],
+            }
+        },
         "output": ["MODEL"],
     },
     "LoraLab_LoadLatentDataset": {
@@ -309,24 +388,36 @@ PACK_INFO = {
         "output": ["LATENT", "CONDITIONING"],
     },
     "LoraLab_TrainLoraNode": {
-        "input": {"required": {
-            "model": ["MODEL"], "latents": ["LATENT"], "positive": ["CONDITIONING"],
-            "batch_size": ["INT", {"default": 1}], "grad_accumulation_steps": ["INT", {"default": 1}],
-            "steps": ["INT", {"default": 16}], "learning_rate": ["FLOAT", {"default": 0.0005}],
-            "rank": ["INT", {"default": 8}], "optimizer": ["COMBO", {"options": ["AdamW"]}],
-            "loss_function": ["COMBO", {"options": ["MSE"]}], "seed": ["INT", {"default": 0}],
-            "training_dtype": ["COMBO", {"options": ["bf16", "fp32"]}],
-            "lora_dtype": ["COMBO", {"options": ["bf16", "fp32"]}],
-            "algorithm": ["COMBO", {"options": ["LoRA", "LoHa", "LoKr"]}],
-            "gradient_checkpointing": ["BOOLEAN", {"default": True}],
-            "existing_lora": ["COMBO", {"options": ["[None]"]}],
-        }},
+        "input": {
+            "required": {
+                "model": ["MODEL"],
+                "latents": ["LATENT"],
+                "positive": ["CONDITIONING"],
+                "batch_size": ["INT", {"default": 1}],
+                "grad_accumulation_steps": ["INT", {"default": 1}],
+                "steps": ["INT", {"default": 16}],
+                "learning_rate": ["FLOAT", {"default": 0.0005}],
+                "rank": ["INT", {"default": 8}],
+                "optimizer": ["COMBO", {"options": ["AdamW"]}],
+                "loss_function": ["COMBO", {"options": ["MSE"]}],
+                "seed": ["INT", {"default": 0}],
+                "training_dtype": ["COMBO", {"options": ["bf16", "fp32"]}],
+                "lora_dtype": ["COMBO", {"options": ["bf16", "fp32"]}],
+                "algorithm": ["COMBO", {"options": ["LoRA", "LoHa", "LoKr"]}],
+                "gradient_checkpointing": ["BOOLEAN", {"default": True}],
+                "existing_lora": ["COMBO", {"options": ["[None]"]}],
+            }
+        },
         "output": ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"],
     },
     "LoraLab_SaveLora": {
-        "input": {"required": {"lora": ["LORA_MODEL"], "filename_prefix": ["STRING", {"default": "x"}]},
-                  "optional": {"steps": ["INT", {"forceInput": True}],
-                               "key_format": [["comfyui", "kohya"], {"default": "comfyui"}]}},
+        "input": {
+            "required": {"lora": ["LORA_MODEL"], "filename_prefix": ["STRING", {"default": "x"}]},
+            "optional": {
+                "steps": ["INT", {"forceInput": True}],
+                "key_format": [["comfyui", "kohya"], {"default": "comfyui"}],
+            },
+        },
         "output": ["STRING"],
     },
     "LoraLab_PlotLoss": {
@@ -342,7 +433,17 @@ def test_example_workflow_is_a_frontend_graph():
     ids = {n["id"] for n in wf["nodes"]}
     assert wf["last_node_id"] == max(ids) and wf["last_link_id"] == max(lk[0] for lk in wf["links"])
     for n in wf["nodes"]:
-        for key in ("pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties", "widgets_values"):
+        for key in (
+            "pos",
+            "size",
+            "flags",
+            "order",
+            "mode",
+            "inputs",
+            "outputs",
+            "properties",
+            "widgets_values",
+        ):
             assert key in n, (n["id"], key)
     # every link is listed on both ends
     for lid, src, sslot, dst, dslot, typ in wf["links"]:
@@ -364,14 +465,29 @@ def test_example_workflow_converts_to_the_expected_prompt():
     data, _ = by_type["LoraLab_LoadLatentDataset"]
     trainer_id, trainer = by_type["LoraLab_TrainLoraNode"]
     assert trainer == {
-        "model": [unet, 0], "latents": [data, 0], "positive": [data, 1],
-        "batch_size": 1, "grad_accumulation_steps": 1, "steps": 40, "learning_rate": 0.001, "rank": 8,
-        "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "bf16",
-        "lora_dtype": "bf16", "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
+        "model": [unet, 0],
+        "latents": [data, 0],
+        "positive": [data, 1],
+        "batch_size": 1,
+        "grad_accumulation_steps": 1,
+        "steps": 40,
+        "learning_rate": 0.001,
+        "rank": 8,
+        "optimizer": "AdamW",
+        "loss_function": "MSE",
+        "seed": 0,
+        "training_dtype": "bf16",
+        "lora_dtype": "bf16",
+        "algorithm": "LoRA",
+        "gradient_checkpointing": True,
+        "existing_lora": "[None]",
     }
     assert by_type["LoraLab_SaveLora"][1] == {
-        "lora": [trainer_id, 1], "filename_prefix": "loralab/tiny_sd3", "steps": [trainer_id, 3],
-        "key_format": "comfyui"}
+        "lora": [trainer_id, 1],
+        "filename_prefix": "loralab/tiny_sd3",
+        "steps": [trainer_id, 3],
+        "key_format": "comfyui",
+    }
     assert by_type["LoraLab_PlotLoss"][1] == {"loss": [trainer_id, 2], "filename_prefix": "loralab/loss"}
     assert by_type["LoraLab_LoadLatentDataset"][1] == {"dataset": "loralab-tiny-dataset.safetensors"}
 

@@ -72,7 +72,9 @@ def test_bypass_equals_merged_fp32(algorithm, kind):
     x = torch.randn(INPUTS[kind], generator=torch.Generator().manual_seed(3))
     merged = adapter.merge(layer.weight)
     assert (merged - layer.weight).abs().max() > 1e-2  # the adapter does something
-    torch.testing.assert_close(_run(layer, adapter, x), _merged_forward(layer, merged, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _run(layer, adapter, x), _merged_forward(layer, merged, x), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
@@ -182,9 +184,13 @@ def test_dora_refuses_output_axis_magnitude():
 def _comfy_patched(comfy_lora, sd: dict, weight: torch.Tensor, caplog) -> torch.Tensor:
     prefix = "diffusion_model.layer"
     with caplog.at_level(logging.WARNING):
-        patches = comfy_lora.load_lora({f"{prefix}.{k}": v for k, v in sd.items()}, {prefix: f"{prefix}.weight"})
+        patches = comfy_lora.load_lora(
+            {f"{prefix}.{k}": v for k, v in sd.items()}, {prefix: f"{prefix}.weight"}
+        )
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
-    return comfy_lora.calculate_weight([(1.0, patches[f"{prefix}.weight"], 1.0, None, None)], weight.clone(), "w")
+    return comfy_lora.calculate_weight(
+        [(1.0, patches[f"{prefix}.weight"], 1.0, None, None)], weight.clone(), "w"
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
@@ -207,7 +213,9 @@ def test_lycoris_computes_the_merged_weight(algorithm, kind):
     sd = adapter.adapter_state_dict()
     with torch.no_grad():
         if algorithm == "OFT":
-            theirs = lycoris_modules.DiagOFTModule.make_module_from_state_dict("x", layer, sd["oft_blocks"], None, sd["alpha"])
+            theirs = lycoris_modules.DiagOFTModule.make_module_from_state_dict(
+                "x", layer, sd["oft_blocks"], None, sd["alpha"]
+            )
         else:
             theirs = lycoris_modules.LoConModule("x", layer, 1.0, adapter.rank, float(sd["alpha"]),
                                                  weight_decompose=True, wd_on_out=False)  # fmt: skip
@@ -215,4 +223,6 @@ def test_lycoris_computes_the_merged_weight(algorithm, kind):
             theirs.lora_up.weight.copy_(sd["lora_up.weight"])
             theirs.dora_scale.copy_(sd["dora_scale"])
         merged = theirs.get_merged_weight(multiplier=1)[0]
-    torch.testing.assert_close(merged.reshape(layer.weight.shape), adapter.merge(layer.weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        merged.reshape(layer.weight.shape), adapter.merge(layer.weight), rtol=1e-5, atol=1e-5
+    )

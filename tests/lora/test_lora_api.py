@@ -39,7 +39,8 @@ def test_algorithms_registry():
 def test_get_algorithm_unknown(bad):
     with pytest.raises(
         ValueError,
-        match=r"algorithm must be one of \['LoRA', 'LoHa', 'LoKr', 'OFT', 'DoRA'\], got " + re.escape(repr(bad)),
+        match=r"algorithm must be one of \['LoRA', 'LoHa', 'LoKr', 'OFT', 'DoRA'\], got "
+        + re.escape(repr(bad)),
     ):
         get_algorithm(bad)
 

@@ -43,12 +43,16 @@ def make_inputs(family: str, seed: int = 0) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
     if family == "flux_dev":  # timestep in [0, 1], as ComfyUI's Flux takes it
         x, ctx = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 6, 32, generator=gen)
-        return Inputs(x, torch.tensor([0.6]), ctx, torch.randn(1, 32, generator=gen), guidance=torch.tensor([3.5]))
+        return Inputs(
+            x, torch.tensor([0.6]), ctx, torch.randn(1, 32, generator=gen), guidance=torch.tensor([3.5])
+        )
     x = torch.randn(1, 4, 16, 16, generator=gen)
     ctx = torch.randn(1, 8, 64, generator=gen)
     if family == "sdxl":
         pooled = torch.randn(1, 1280, generator=gen)
-        return Inputs(x, torch.tensor([400.0]), ctx, pooled, torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]))
+        return Inputs(
+            x, torch.tensor([400.0]), ctx, pooled, torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])
+        )
     return Inputs(x, torch.tensor([400.0]), ctx)
 
 
@@ -137,7 +141,9 @@ def comfy_forward(patcher, inputs: Inputs) -> torch.Tensor:
     mm.load_models_gpu([patcher], force_full_load=True)
     try:
         with torch.no_grad():
-            return patcher.model.diffusion_model(inputs.x, inputs.t, inputs.context, **inputs.comfy_kwargs()).float()
+            return patcher.model.diffusion_model(
+                inputs.x, inputs.t, inputs.context, **inputs.comfy_kwargs()
+            ).float()
     finally:
         mm.unload_all_models()
 

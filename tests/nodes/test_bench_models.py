@@ -19,7 +19,9 @@ def tiny_models(comfy_glue):
     return make_tiny_models
 
 
-@pytest.mark.parametrize("arch,family,params", [("sd15", "SD15", 859_520_964), ("sdxl", "SDXL", 2_567_463_684)])
+@pytest.mark.parametrize(
+    "arch,family,params", [("sd15", "SD15", 859_520_964), ("sdxl", "SDXL", 2_567_463_684)]
+)
 def test_full_size_unets_are_detected_as_their_family(tiny_models, arch, family, params):
     import comfy.model_detection
 
@@ -29,7 +31,9 @@ def test_full_size_unets_are_detected_as_their_family(tiny_models, arch, family,
     assert type(config).__name__ == family
     detected = comfy.model_detection.detect_unet_config(sd, "")
     built = tiny_models.UNET_ARCHS[arch]
-    assert {k: detected[k] for k in built if k in detected} == {k: v for k, v in built.items() if k in detected}
+    assert {k: detected[k] for k in built if k in detected} == {
+        k: v for k, v in built.items() if k in detected
+    }
 
 
 @pytest.mark.parametrize("arch,depth,family", [("sd15mini", 2, "SD15"), ("sd3", 4, "SD3")])

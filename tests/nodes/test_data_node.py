@@ -25,11 +25,15 @@ def data_node(comfy_glue, tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
     save_file({SECRET_KEY: torch.zeros(2)}, str(outside / "secret.safetensors"))
-    save_file({"latents": torch.zeros(2, 4, 8, 8), "context": torch.zeros(2, 3, 16)}, str(root / "good.safetensors"))
+    save_file(
+        {"latents": torch.zeros(2, 4, 8, 8), "context": torch.zeros(2, 3, 16)}, str(root / "good.safetensors")
+    )
     save_file({"something": torch.zeros(1)}, str(root / "keys.safetensors"))
     (root / "link.safetensors").symlink_to(outside / "secret.safetensors")
     (root / "sub").mkdir()
-    (root / "sub" / "inner_link.safetensors").symlink_to(root / "good.safetensors")  # a link that stays inside
+    (root / "sub" / "inner_link.safetensors").symlink_to(
+        root / "good.safetensors"
+    )  # a link that stays inside
     os.mkfifo(root / "fifo.safetensors")
     (root / "dir.safetensors").mkdir()
     return module, root, outside

@@ -59,14 +59,22 @@ def _grads_and_saved_bytes(cm, families, name, checkpointing: bool, cow: bool = 
             saved[0] += t.numel() * t.element_size()
             return t
 
-        with frozen(net), adapters.attached(net), gradient_checkpointing(net, checkpointing) as patched, autograd_safe():
+        with (
+            frozen(net),
+            adapters.attached(net),
+            gradient_checkpointing(net, checkpointing) as patched,
+            autograd_safe(),
+        ):
             # saved-tensor hooks turn off autograd's in-place checks: measure in a pass of its own
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 forward()
             with copy_on_write(cow):
                 out = forward()
             out.square().mean().backward()
-        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in adapters.trainable_parameters()]
+        grads = [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in adapters.trainable_parameters()
+        ]
     return grads, saved[0], patched
 
 
@@ -91,7 +99,9 @@ def test_copy_on_write_gives_the_true_gradient_of_in_place_model_code(cm, famili
     with cm.training_mode():
         _, net, adapters, forward, _ = _setup(cm, families, name)
         params = list(adapters.trainable_parameters())
-        direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+        direction = [
+            torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)
+        ]
         eps = 1e-3
 
         def loss_at(t):
@@ -159,6 +169,8 @@ def test_video_latents_of_different_frame_counts_train_in_one_run(comfy_glue, fa
         lat["samples"] = lat["samples"][:, :, :1].expand(-1, -1, frames, -1, -1).clone()
         latents.append(lat)
         positive.append(cond)
-    config = TrainConfig(steps=4, batch_size=2, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32")
+    config = TrainConfig(
+        steps=4, batch_size=2, learning_rate=0.002, rank=4, training_dtype="fp32", lora_dtype="fp32"
+    )
     _, losses, total = train_mod.train(patcher, latents, positive, config, "[None]", None, "loralab/test")
     assert total == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

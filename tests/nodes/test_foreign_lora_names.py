@@ -27,7 +27,9 @@ def _trained(glue, family):
 
     patcher = families.build_model(family)
     latents, conditioning = families.make_data(family)
-    config = TrainConfig(steps=3, rank=RANK, alpha=ALPHA, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
+    config = TrainConfig(
+        steps=3, rank=RANK, alpha=ALPHA, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32"
+    )
     lora, _, _ = train_mod.train(patcher, [latents], [conditioning], config, "[None]", None, "loralab/test")
     return patcher, lora
 
@@ -65,7 +67,11 @@ def _ldm_kohya(path: str) -> str:
 STYLES = {
     # style: (family, which of the key map's names, peft factor names)
     # kohya sd-scripts / LyCORIS / A1111 names for SD1.x: diffusers module paths (down_blocks_0_...)
-    "kohya_sd_diffusers_names": ("sd15", lambda s, p: s.startswith("lora_unet_") and s != _ldm_kohya(p), False),
+    "kohya_sd_diffusers_names": (
+        "sd15",
+        lambda s, p: s.startswith("lora_unet_") and s != _ldm_kohya(p),
+        False,
+    ),
     "peft_unet": ("sd15", lambda s, p: s.startswith("unet."), True),
     "lycoris": ("sd15", lambda s, p: s.startswith("lycoris_"), False),
     "kohya_flux": ("flux_dev", lambda s, p: s == _ldm_kohya(p), False),
@@ -104,12 +110,17 @@ def test_file_for_another_model_names_a_file_key_and_an_expected_key(glue, loras
     config = TrainConfig(rank=RANK, training_dtype="fp32", lora_dtype="fp32")
     start = train_mod._Start.read("sd15.safetensors", config, cm.lora_key_names(flux))
     targets = find_targets(flux.model.diffusion_model)
-    with pytest.raises(ValueError, match=r"0 matched; a file key: 'diffusion_model\.\S+', a key this model expects: "
-                                         r"'diffusion_model\.\S+\.lora_up\.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"0 matched; a file key: 'diffusion_model\.\S+', a key this model expects: "
+        r"'diffusion_model\.\S+\.lora_up\.weight'",
+    ):
         train_mod._load_existing(None, start.weights, targets, "sd15.safetensors", config, CPU)
 
 
-@pytest.mark.parametrize("family,diffusers_names", [("sd15", True), ("sd2_v", True), ("sdxl", False), ("flux_dev", False)])
+@pytest.mark.parametrize(
+    "family,diffusers_names", [("sd15", True), ("sd2_v", True), ("sdxl", False), ("flux_dev", False)]
+)
 def test_kohya_format_uses_the_names_kohya_writes_and_comfyui_maps_every_layer(glue, family, diffusers_names):
     """SD1.x / SD2: diffusers module names (lora_unet_down_blocks_0_attentions_0_proj_in), which kohya
     sd-scripts, LyCORIS, A1111 and diffusers read; SDXL and Flux: the model's own names."""
@@ -137,13 +148,19 @@ def test_continuing_keeps_the_files_alpha_for_every_layer_and_in_the_metadata(gl
     from training.config import TrainConfig
 
     patcher, ours = _trained(glue, "sd3")
-    layers = sorted({k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in ours if k.endswith(".alpha")})
+    layers = sorted(
+        {k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in ours if k.endswith(".alpha")}
+    )
     kept = set(layers[::2])
-    half = {k: v.contiguous() for k, v in ours.items() if any(k.startswith(f"diffusion_model.{p}.") for p in kept)}
+    half = {
+        k: v.contiguous() for k, v in ours.items() if any(k.startswith(f"diffusion_model.{p}.") for p in kept)
+    }
     save_file(half, str(loras_dir / "half.safetensors"), metadata={"ss_steps": "3"})
     latents, conditioning = families.make_data("sd3")
     config = TrainConfig(steps=1, rank=RANK, training_dtype="fp32", lora_dtype="fp32")
-    lora, _, total = train_mod.train(patcher, [latents], [conditioning], config, "half.safetensors", None, "loralab/test")
+    lora, _, total = train_mod.train(
+        patcher, [latents], [conditioning], config, "half.safetensors", None, "loralab/test"
+    )
     alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
     assert len(alphas) == len(layers) and set(alphas.values()) == {ALPHA}
     assert lora.metadata["ss_network_alpha"] == lora.metadata["loralab.alpha"] == "2" and total == 4
@@ -151,7 +168,10 @@ def test_continuing_keeps_the_files_alpha_for_every_layer_and_in_the_metadata(gl
 
 def _delta(sd: dict, path: str) -> torch.Tensor:
     """ΔW of one LoRA layer of our keys: up @ down * alpha / rank."""
-    down, up = sd[f"diffusion_model.{path}.lora_down.weight"].float(), sd[f"diffusion_model.{path}.lora_up.weight"].float()
+    down, up = (
+        sd[f"diffusion_model.{path}.lora_down.weight"].float(),
+        sd[f"diffusion_model.{path}.lora_up.weight"].float(),
+    )
     alpha = float(sd.get(f"diffusion_model.{path}.alpha", down.shape[0]))
     return up @ down * (alpha / down.shape[0])
 
@@ -169,18 +189,30 @@ def test_flux_diffusers_file_continues_as_one_lora_per_fused_layer(glue, loras_d
     for key in [k for k in lora if not k.endswith(".alpha")]:
         lora[key] = torch.randn(lora[key].shape, generator=gen)
     tensors, meta = convert_key_format(lora, "diffusers", lora.file_names)
-    split = [k for k in tensors if k.startswith("transformer.single_transformer_blocks.0.attn.to_") and "lora_B" in k]
+    split = [
+        k
+        for k in tensors
+        if k.startswith("transformer.single_transformer_blocks.0.attn.to_") and "lora_B" in k
+    ]
     assert len(split) == 3 and not any(k.endswith(".alpha") for k in tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(loras_dir / "flux_diffusers.safetensors"), metadata=meta)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(loras_dir / "flux_diffusers.safetensors"),
+        metadata=meta,
+    )
 
     config = TrainConfig(rank=RANK, training_dtype="fp32", lora_dtype="fp32")
-    start = train_mod._Start.read("flux_diffusers.safetensors", config, cm.lora_key_names(patcher), cm.lora_split_names(patcher))
+    start = train_mod._Start.read(
+        "flux_diffusers.safetensors", config, cm.lora_key_names(patcher), cm.lora_split_names(patcher)
+    )
     factors = {k for k in start.weights if not k.endswith(".alpha")}
     assert factors == {k for k in lora if not k.endswith(".alpha")}  # every layer, and nothing left over
     paths = {k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in lora if k.endswith(".alpha")}
     for path in paths:
         assert start.weights[f"diffusion_model.{path}.lora_down.weight"].shape[0] == RANK, path
-        torch.testing.assert_close(_delta(start.weights, path), _delta(lora, path), rtol=1e-5, atol=1e-5, msg=path)
+        torch.testing.assert_close(
+            _delta(start.weights, path), _delta(lora, path), rtol=1e-5, atol=1e-5, msg=path
+        )
 
 
 def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
@@ -190,7 +222,11 @@ def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
     from lora.inject import merge_split_layers
 
     patcher = families.build_model("flux_dev")
-    parts = {s: v for s, v in cm.lora_split_names(patcher).items() if s.startswith("transformer.single_transformer_blocks.0.")}
+    parts = {
+        s: v
+        for s, v in cm.lora_split_names(patcher).items()
+        if s.startswith("transformer.single_transformer_blocks.0.")
+    }
     gen = torch.Generator().manual_seed(4)
     sd, expected = {}, None
     for i, stem in enumerate(sorted(parts)[:3]):  # three of the four parts: the fourth's rows stay zero
@@ -202,7 +238,8 @@ def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
         expected = torch.zeros(size, 64) if expected is None else expected
         expected[start:end] += up @ down * ((1.0 + i) / rank)
     merged = merge_split_layers(sd, parts)
-    assert set(merged) == {f"diffusion_model.{path}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert set(merged) == {
+        f"diffusion_model.{path}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
     assert merged[f"diffusion_model.{path}.lora_down.weight"].shape[0] == 2 + 3 + 4
     torch.testing.assert_close(_delta(merged, path), expected, rtol=1e-5, atol=1e-5)
-

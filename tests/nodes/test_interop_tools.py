@@ -65,7 +65,9 @@ def _applied(glue, patcher, tensors, metadata=None):
     from training.lorafile import LoraStateDict
 
     apply_lora = importlib.import_module(glue[1].__package__ + ".apply_lora")
-    return apply_lora.LoraLab_ApplyLora.execute(patcher, LoraStateDict(tensors, metadata=metadata), 1.0).result[0]
+    return apply_lora.LoraLab_ApplyLora.execute(
+        patcher, LoraStateDict(tensors, metadata=metadata), 1.0
+    ).result[0]
 
 
 def _stock(patcher, tensors):
@@ -95,7 +97,9 @@ def _mixin(family):
 def _diffusers_apply(family, unet, path) -> None:
     mixin = _mixin(family)
     # as the pipelines' load_lora_weights calls it (unet_config: SDXL's SAI block names -> diffusers')
-    state_dict, alphas, metadata = mixin.lora_state_dict(str(path), unet_config=unet.config, return_lora_metadata=True)
+    state_dict, alphas, metadata = mixin.lora_state_dict(
+        str(path), unet_config=unet.config, return_lora_metadata=True
+    )
     mixin.load_lora_into_unet(state_dict, alphas, unet, metadata=metadata)
 
 
@@ -140,9 +144,13 @@ def test_pack_flux_diffusers_file_in_diffusers_equals_comfyui(glue, loras_dir):
 
     model = twins.diffusers_flux(patcher)
     mixin = lp.FluxLoraLoaderMixin
-    state_dict, alphas, metadata = mixin.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+    state_dict, alphas, metadata = mixin.lora_state_dict(
+        str(path), return_alphas=True, return_lora_metadata=True
+    )
     mixin.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=model, metadata=metadata)
-    parts = sum(len(v) for p, v in lora.file_names["diffusers"].items() if f"diffusion_model.{p}.alpha" in lora)
+    parts = sum(
+        len(v) for p, v in lora.file_names["diffusers"].items() if f"diffusion_model.{p}.alpha" in lora
+    )
     assert _peft_layers(model) == parts  # every layer, the fused ones as diffusers' parts
     assert (twins.diffusers_flux_forward(model, inputs) - trained).abs().max() < TOL
 
@@ -161,7 +169,9 @@ def test_pack_lora_in_diffusers_equals_comfyui(glue, loras_dir, family, key_form
     comfy_out = twins.comfy_forward(_applied(glue, patcher, tensors, metadata), inputs)
     assert (comfy_out - trained).abs().max() < TOL
     if key_format == "kohya":  # stock loaders read it the same way
-        torch.testing.assert_close(twins.comfy_forward(_stock(patcher, tensors), inputs), comfy_out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            twins.comfy_forward(_stock(patcher, tensors), inputs), comfy_out, rtol=0, atol=1e-6
+        )
 
     unet = twins.diffusers_unet(patcher, family)
     _diffusers_apply(family, unet, path)
@@ -179,7 +189,9 @@ def test_pack_kohya_file_in_lycoris_equals_comfyui(glue, loras_dir, monkeypatch,
     inputs = twins.make_inputs("sd15")
     comfy_out = twins.comfy_forward(_stock(patcher, tensors), inputs)
     assert (comfy_out - twins.comfy_forward(patcher, inputs)).abs().max() > 0.1
-    assert (comfy_out - twins.comfy_forward(_stock(patcher, lora), inputs)).abs().max() < TOL  # the file = the LORA_MODEL
+    assert (
+        comfy_out - twins.comfy_forward(_stock(patcher, lora), inputs)
+    ).abs().max() < TOL  # the file = the LORA_MODEL
 
     unet = twins.diffusers_unet(patcher, "sd15")
     network = _lycoris_kohya(path, unet, monkeypatch)
@@ -292,7 +304,9 @@ def test_lycoris_file_continues_and_applies_in_comfyui_and_lycoris(glue, loras_d
 
 
 @pytest.mark.parametrize("key_format", ["kohya", "diffusers"])
-def test_save_lora_with_model_converts_a_loaded_file_for_other_tools(glue, loras_dir, monkeypatch, key_format):
+def test_save_lora_with_model_converts_a_loaded_file_for_other_tools(
+    glue, loras_dir, monkeypatch, key_format
+):
     """Load LoRA file (a file in ComfyUI's own names) -> Save LoRA with the model connected: the kohya
     file loads in LyCORIS' kohya loader and the diffusers file in diffusers, each with every layer and
     the output the original file gives in ComfyUI. Without the model, kohya keeps ComfyUI's LDM names."""
@@ -310,7 +324,11 @@ def test_save_lora_with_model_converts_a_loaded_file_for_other_tools(glue, loras
     assert not any("input_blocks" in k for k in tensors)
     unet = twins.diffusers_unet(patcher, "sd15")
     if key_format == "kohya":
-        assert len(_lycoris_kohya(loras_dir / name, unet, monkeypatch).unet_loras) == _layers(tensors) == _layers(lora)
+        assert (
+            len(_lycoris_kohya(loras_dir / name, unet, monkeypatch).unet_loras)
+            == _layers(tensors)
+            == _layers(lora)
+        )
     else:
         _diffusers_apply("sd15", unet, loras_dir / name)
         assert _peft_layers(unet) == _layers(tensors) == _layers(lora)

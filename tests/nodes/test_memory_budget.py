@@ -14,8 +14,9 @@ def glue(comfy_glue, cm, families):
     return comfy_glue("train"), cm, families
 
 
-
-def test_a_run_over_the_memory_budget_is_refused_before_it_starts_naming_what_fits(glue, loras_dir, monkeypatch):
+def test_a_run_over_the_memory_budget_is_refused_before_it_starts_naming_what_fits(
+    glue, loras_dir, monkeypatch
+):
     """LORALAB_TRAINING_MEMORY_MIB below the plan: MemoryError before the first step with the plan's
     figures and the changes that fit; the model is unchanged and no file is written."""
     train_mod, _, families = glue
@@ -30,11 +31,15 @@ def test_a_run_over_the_memory_budget_is_refused_before_it_starts_naming_what_fi
     with pytest.raises(MemoryError) as info:
         train_mod.train(patcher, [latents], [conditioning], config, "[None]", None, "loralab/budget")
     message = str(info.value)
-    assert "training did not start" in message and "LORALAB_TRAINING_MEMORY_MIB has 12 MiB free" in message, message
+    assert "training did not start" in message and "LORALAB_TRAINING_MEMORY_MIB has 12 MiB free" in message, (
+        message
+    )
     assert "Settings that fit: " in message and "batch_size 1" in message, message
     assert not list(loras_dir.rglob("*.safetensors"))
     for k, v in patcher.model.diffusion_model.state_dict().items():
         assert torch.equal(v, before[k]), k
     monkeypatch.setenv("LORALAB_TRAINING_MEMORY_MIB", "64")
-    lora, losses, _ = train_mod.train(patcher, [latents], [conditioning], config, "[None]", None, "loralab/budget")
+    lora, losses, _ = train_mod.train(
+        patcher, [latents], [conditioning], config, "[None]", None, "loralab/budget"
+    )
     assert len(losses) == 2

@@ -19,8 +19,12 @@ def _layer_state(diffusion) -> dict:
             for name, m in diffusion.named_modules() if hasattr(m, "comfy_cast_weights")}  # fmt: skip
 
 
-@pytest.mark.parametrize(("family", "algorithm"), [("sd15", "LoRA"), ("flux_dev", "DoRA"), ("wan22_5b", "OFT")])
-def test_offloaded_blocks_train_the_same_adapter_through_comfy_casting(glue, loras_dir, monkeypatch, family, algorithm):
+@pytest.mark.parametrize(
+    ("family", "algorithm"), [("sd15", "LoRA"), ("flux_dev", "DoRA"), ("wan22_5b", "OFT")]
+)
+def test_offloaded_blocks_train_the_same_adapter_through_comfy_casting(
+    glue, loras_dir, monkeypatch, family, algorithm
+):
     train_mod, families = glue
     import comfy.ops
 
@@ -45,7 +49,9 @@ def test_offloaded_blocks_train_the_same_adapter_through_comfy_casting(glue, lor
         config = TrainConfig(steps=3, rank=4, algorithm=algorithm, learning_rate=0.01, training_dtype="fp32",
                              lora_dtype="fp32", offload_blocks=n)  # fmt: skip
         casts.clear()
-        lora, losses, _ = train_mod.train(patcher, [latents], [conditioning], config, "[None]", None, "loralab/offload")
+        lora, losses, _ = train_mod.train(
+            patcher, [latents], [conditioning], config, "[None]", None, "loralab/offload"
+        )
         offloaded = {id(m) for b in repeated_blocks(diffusion)[:n] for m in castable_layers(b)}
         cast_ids = {id(m) for m in casts}
         # with offloading exactly the offloaded blocks' layers were cast per call (on top of any the model

@@ -55,7 +55,9 @@ def _train(glue, monkeypatch, settings, steps=4, save_every=0):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_preview_at_step_n_is_ksampler_on_the_checkpoint_saved_at_step_n(glue, loras_dir, output_dir, monkeypatch, cfg):
+def test_preview_at_step_n_is_ksampler_on_the_checkpoint_saved_at_step_n(
+    glue, loras_dir, output_dir, monkeypatch, cfg
+):
     import comfy.sd
 
     from training.lorafile import read_lora_file
@@ -64,7 +66,9 @@ def test_preview_at_step_n_is_ksampler_on_the_checkpoint_saved_at_step_n(glue, l
     _, conditioning = families.make_data("sd15")
     positive = [conditioning[0]]
     negative = [conditioning[1]] if cfg != 1.0 else None
-    _, previewer, model, _ = _train(glue, monkeypatch, _settings(preview_mod, positive, negative, cfg=cfg), save_every=2)
+    _, previewer, model, _ = _train(
+        glue, monkeypatch, _settings(preview_mod, positive, negative, cfg=cfg), save_every=2
+    )
     assert sorted(previewer.last) == [0, 2, 4]
     checkpoint = next((loras_dir / "loralab" / "pv").glob("ck_2_steps_*.safetensors"))
     file_sd, _ = read_lora_file(checkpoint)
@@ -73,16 +77,24 @@ def test_preview_at_step_n_is_ksampler_on_the_checkpoint_saved_at_step_n(glue, l
         patched = comfy.sd.load_lora_for_models(model, None, file_sd, 1.0, 0)[0]
         latent = nodes_mod.EmptyLatentImage().generate(128, 128, 1)[0]
         neg = negative if negative is not None else preview_mod._zero_out(positive)
-        expected = nodes_mod.common_ksampler(patched, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0]["samples"]
-        base = nodes_mod.common_ksampler(model, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0]["samples"]
+        expected = nodes_mod.common_ksampler(patched, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0][
+            "samples"
+        ]
+        base = nodes_mod.common_ksampler(model, 7, 3, cfg, "euler", "simple", positive, neg, latent)[0][
+            "samples"
+        ]
     assert torch.equal(previewer.last[2], expected)
-    assert not torch.equal(previewer.last[4], expected) and torch.equal(previewer.last[0], base)  # step 0: no LoRA effect
+    assert not torch.equal(previewer.last[4], expected) and torch.equal(
+        previewer.last[0], base
+    )  # step 0: no LoRA effect
 
 
 def test_a_run_with_previews_ends_with_the_same_lora_as_one_without(glue, loras_dir, output_dir, monkeypatch):
     _, preview_mod, families = glue
     _, conditioning = families.make_data("sd15")
-    with_previews, previewer, _, _ = _train(glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=1))
+    with_previews, previewer, _, _ = _train(
+        glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=1)
+    )
     without, none, _, _ = _train(glue, monkeypatch, None)
     assert none is None and sorted(previewer.last) == [0, 1, 2, 3, 4]
     assert with_previews.keys() == without.keys()
@@ -93,9 +105,13 @@ def test_a_run_with_previews_ends_with_the_same_lora_as_one_without(glue, loras_
 def test_every_preview_is_a_png_with_its_step(glue, loras_dir, output_dir, monkeypatch):
     _, preview_mod, families = glue
     _, conditioning = families.make_data("sd15")
-    _, previewer, _, _ = _train(glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=3), steps=4)
+    _, previewer, _, _ = _train(
+        glue, monkeypatch, _settings(preview_mod, [conditioning[0]], every=3), steps=4
+    )
     files = sorted(p.name for p in (output_dir / "loralab" / "previews").iterdir())
     assert files == ["step_0_0.png", "step_3_0.png", "step_4_0.png"], files
     with Image.open(output_dir / "loralab" / "previews" / "step_3_0.png") as img:
-        assert img.size == (16, 16) and img.text["loralab.step"] == "3"  # latent-to-RGB: one pixel per latent pixel
+        assert (
+            img.size == (16, 16) and img.text["loralab.step"] == "3"
+        )  # latent-to-RGB: one pixel per latent pixel
     assert previewer.seconds > 0

@@ -47,7 +47,9 @@ def test_held_out_loss_at_the_planned_steps_is_the_denoising_loss_of_the_model_t
 
     _, validation_mod, _, families = glue
     held_latents, held_conditioning = families.make_data("sd15", count=2, seed=5)  # not the training data
-    settings = validation_mod.ValidationSettings(held_latents, held_conditioning, every_n_steps=2, seed=3, levels=4)
+    settings = validation_mod.ValidationSettings(
+        held_latents, held_conditioning, every_n_steps=2, seed=3, levels=4
+    )
     model, lora, _, out = _train(glue, settings)
     assert out["validation_step"] == [0, 2, 4]
     assert all(math.isfinite(v) for v in out["validation_loss"])
@@ -61,7 +63,9 @@ def test_held_out_loss_at_the_planned_steps_is_the_denoising_loss_of_the_model_t
 def test_measuring_a_held_out_set_leaves_training_as_it_is(glue):
     _, validation_mod, _, families = glue
     held_latents, held_conditioning = families.make_data("sd15", count=2, seed=5)
-    settings = validation_mod.ValidationSettings(held_latents, held_conditioning, every_n_steps=1, seed=3, levels=2)
+    settings = validation_mod.ValidationSettings(
+        held_latents, held_conditioning, every_n_steps=1, seed=3, levels=2
+    )
     _, with_validation, losses_a, out = _train(glue, settings)
     _, without, losses_b, none = _train(glue, None)
     assert out["validation_step"] == [0, 1, 2, 3, 4] and none == {}

@@ -102,8 +102,17 @@ def test_sidecar_that_is_a_link_is_not_used(tmp_path):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"step": 1e308}, {"step": "2"}, {"step": -1}, {"step": 10**400}, {"total_steps": 10**9 + 1},
-     {"step": 11}, {"step": True}, {"config": "x"}, {"param_groups": None}],
+    [
+        {"step": 1e308},
+        {"step": "2"},
+        {"step": -1},
+        {"step": 10**400},
+        {"total_steps": 10**9 + 1},
+        {"step": 11},
+        {"step": True},
+        {"config": "x"},
+        {"param_groups": None},
+    ],
 )
 def test_bogus_step_counts_in_a_sidecar_are_refused(tmp_path, changes):
     lora, state = _write(tmp_path)
@@ -116,7 +125,9 @@ def test_bogus_step_counts_in_a_sidecar_are_refused(tmp_path, changes):
 
 def test_deeply_nested_sidecar_metadata_is_a_readable_error(tmp_path):
     lora, state = _write(tmp_path)
-    save_file({"x": torch.zeros(1)}, str(state), metadata={"loralab.trainstate": "[" * 100_000 + "]" * 100_000})
+    save_file(
+        {"x": torch.zeros(1)}, str(state), metadata={"loralab.trainstate": "[" * 100_000 + "]" * 100_000}
+    )
     with pytest.raises(ValueError, match="not readable JSON"):
         load_training_state(state)
 

@@ -8,18 +8,46 @@ from training.factory import make_loss, make_optimizer
 
 def test_defaults_match_the_contract():
     c = TrainConfig()
-    assert (c.batch_size, c.grad_accumulation_steps, c.steps, c.learning_rate, c.rank) == (1, 1, 16, 0.0005, 8)
+    assert (c.batch_size, c.grad_accumulation_steps, c.steps, c.learning_rate, c.rank) == (
+        1,
+        1,
+        16,
+        0.0005,
+        8,
+    )
     assert (c.optimizer, c.loss_function, c.seed, c.training_dtype, c.lora_dtype, c.algorithm) == (
-        "AdamW", "MSE", 0, "bf16", "bf16", "LoRA")
+        "AdamW",
+        "MSE",
+        0,
+        "bf16",
+        "bf16",
+        "LoRA",
+    )
     assert c.gradient_checkpointing is True
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("steps", 0), ("steps", 100_001), ("batch_size", 0), ("grad_accumulation_steps", 1025), ("rank", 129),
-     ("rank", 0), ("learning_rate", 0.0), ("learning_rate", 2.0), ("seed", -1), ("seed", 2**64),
-     ("optimizer", "Lion2"), ("loss_function", "L2"), ("training_dtype", "fp16"), ("lora_dtype", "int8"),
-     ("algorithm", "GLoRA"), ("alpha", 0.0), ("steps", 1.5), ("steps", True)],
+    [
+        ("steps", 0),
+        ("steps", 100_001),
+        ("batch_size", 0),
+        ("grad_accumulation_steps", 1025),
+        ("rank", 129),
+        ("rank", 0),
+        ("learning_rate", 0.0),
+        ("learning_rate", 2.0),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("optimizer", "Lion2"),
+        ("loss_function", "L2"),
+        ("training_dtype", "fp16"),
+        ("lora_dtype", "int8"),
+        ("algorithm", "GLoRA"),
+        ("alpha", 0.0),
+        ("steps", 1.5),
+        ("steps", True),
+    ],
 )
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

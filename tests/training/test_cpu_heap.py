@@ -50,10 +50,16 @@ def test_disabled_is_a_no_op():
 
 @pytest.mark.skipif(_glibc() is None, reason="mallopt / malloc_trim are glibc extensions")
 def test_freed_memory_stays_inside_and_goes_back_to_the_kernel_on_exit():
-    run = subprocess.run([sys.executable, "-c", SCENARIO], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", SCENARIO], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     rss = json.loads(run.stdout.splitlines()[-1])
     assert rss["applied"] is True
-    assert rss["control"] - rss["start"] < 50, rss  # without the block, freed 4 MiB buffers are unmapped at once
-    assert rss["retained"] - rss["start"] > 200, rss  # kept for the next step: touching it again costs no faults
+    assert rss["control"] - rss["start"] < 50, (
+        rss
+    )  # without the block, freed 4 MiB buffers are unmapped at once
+    assert rss["retained"] - rss["start"] > 200, (
+        rss
+    )  # kept for the next step: touching it again costs no faults
     assert rss["retained"] - rss["after"] > 200, rss  # handed back on exit

@@ -74,8 +74,14 @@ def test_missing_and_empty_folders_name_the_input(tmp_path):
 
 @pytest.mark.parametrize(
     ("size", "resolution", "expected"),
-    [((512, 512), 512, (512, 512)), ((1024, 768), 512, (576, 448)), ((768, 1024), 1024, (896, 1152)),
-     ((4000, 1000), 512, (1024, 256)), ((10, 10), 512, (512, 512)), ((5000, 10), 64, (1408, 64))],
+    [
+        ((512, 512), 512, (512, 512)),
+        ((1024, 768), 512, (576, 448)),
+        ((768, 1024), 1024, (896, 1152)),
+        ((4000, 1000), 512, (1024, 256)),
+        ((10, 10), 512, (512, 512)),
+        ((5000, 10), 64, (1408, 64)),
+    ],
 )
 def test_bucket_size(size, resolution, expected):
     w, h = bucket_size(*size, resolution)
@@ -128,13 +134,18 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path):
     png_header_only(tmp_path / "huge.png", 10_000, 10_000)
-    with pytest.raises(ValueError, match=r"image 'huge.png' is 10000x10000 = 100,000,000 pixels, more than the limit of 67,108,864"):
+    with pytest.raises(
+        ValueError,
+        match=r"image 'huge.png' is 10000x10000 = 100,000,000 pixels, more than the limit of 67,108,864",
+    ):
         load_image_tensor(tmp_path / "huge.png", 512)
     png_header_only(tmp_path / "bomb.png", 30_000, 30_000)  # above Pillow's own bomb limit too
     with pytest.raises(ValueError, match="bomb.png.*limit"):
@@ -146,7 +157,9 @@ def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path):
     intermediate (~11 GiB) before the crop."""
     Image.new("RGB", (1, 1_000_000), (200, 10, 10)).save(tmp_path / "tall.png")
     assert (tmp_path / "tall.png").stat().st_size < 10_000
-    with pytest.raises(ValueError, match=r"tall.png' is 1x1000000, an aspect ratio of 1e\+06:1, beyond the limit of 8:1"):
+    with pytest.raises(
+        ValueError, match=r"tall.png' is 1x1000000, an aspect ratio of 1e\+06:1, beyond the limit of 8:1"
+    ):
         load_image_tensor(tmp_path / "tall.png", 4096)
     Image.new("RGB", (20_000, 1)).save(tmp_path / "wide.png")
     with pytest.raises(ValueError, match="aspect ratio"):
@@ -161,7 +174,16 @@ def test_resize_intermediate_stays_within_bound():
 
     worst = 0.0
     for resolution in (64, 512, 1024, 4096):
-        for w, h in [(512, 64), (64, 512), (8, 1), (3000, 375), (1, 1), (4095, 4096), (8191, 1024), (100, 13)]:
+        for w, h in [
+            (512, 64),
+            (64, 512),
+            (8, 1),
+            (3000, 375),
+            (1, 1),
+            (4095, 4096),
+            (8191, 1024),
+            (100, 13),
+        ]:
             tw, th = check_image_size(w, h, resolution)
             nw, nh = _cover_size(w, h, tw, th)
             worst = max(worst, nw * nh / (tw * th))
@@ -195,7 +217,9 @@ def test_oversized_caption_is_refused(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"x" * MAX_CAPTION_BYTES)
     assert len(list_image_captions(tmp_path)[0].caption) == MAX_CAPTION_BYTES
     (tmp_path / "a.txt").write_bytes(b"x" * (MAX_CAPTION_BYTES + 1))
-    with pytest.raises(ValueError, match=r"^folder: caption file 'a.txt' has 65537 bytes, more than the limit of 65536"):
+    with pytest.raises(
+        ValueError, match=r"^folder: caption file 'a.txt' has 65537 bytes, more than the limit of 65536"
+    ):
         list_image_captions(tmp_path)
 
 

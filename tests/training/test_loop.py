@@ -74,10 +74,17 @@ def train_toy(config: TrainConfig, net: Toy | None = None, samples=None):
     with frozen(net), adapters.attached(net), gradient_checkpointing(net, config.gradient_checkpointing):
         before = evaluate_denoise_loss(predict_x0, objective, samples, cpu)
         result = run_training(
-            params=adapters.trainable_parameters(), samples=samples, predict_x0=predict_x0,
-            objective=objective, config=config, device=cpu,
+            params=adapters.trainable_parameters(),
+            samples=samples,
+            predict_x0=predict_x0,
+            objective=objective,
+            config=config,
+            device=cpu,
         )
-        result.eval_before, result.eval_after = before, evaluate_denoise_loss(predict_x0, objective, samples, cpu)
+        result.eval_before, result.eval_after = (
+            before,
+            evaluate_denoise_loss(predict_x0, objective, samples, cpu),
+        )
     return net, adapters, result
 
 
@@ -119,7 +126,9 @@ def test_grad_accumulation_counts_optimizer_steps():
 
 
 def test_divergence_names_learning_rate_and_keeps_weights_finite():
-    cfg = TrainConfig(**{**BASE, "steps": 200, "learning_rate": 1.0, "optimizer": "SGD", "max_grad_norm": 0.0})
+    cfg = TrainConfig(
+        **{**BASE, "steps": 200, "learning_rate": 1.0, "optimizer": "SGD", "max_grad_norm": 0.0}
+    )
     net = Toy()
     with torch.no_grad():
         for p in net.parameters():
@@ -278,17 +287,25 @@ def test_checkpointing_reaches_layers_of_iterated_sequentials():
     assert saved[1] < 0.5 * saved[0], saved
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
-    MemoryError(),
-], ids=["cuda", "cpu-allocator", "python"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+        ),
+        MemoryError(),
+    ],
+    ids=["cuda", "cpu-allocator", "python"],
+)
 def test_out_of_memory_stops_at_its_step_with_the_last_completed_steps_weights(error):
     """The allocator's refusal at step 3 (of 5) becomes TrainingOutOfMemory naming step 3; the adapter
     weights are those after step 2 exactly (bit-identical to a 2-step run) and hold no gradients."""
     from training.loop import TrainingOutOfMemory
 
-    config = TrainConfig(steps=5, rank=2, learning_rate=0.01, training_dtype="fp32", gradient_checkpointing=False)
+    config = TrainConfig(
+        steps=5, rank=2, learning_rate=0.01, training_dtype="fp32", gradient_checkpointing=False
+    )
     net, samples = Toy(), make_samples()
     adapters = AdapterSet.create(find_targets(net), config.algorithm, config.rank, config.alpha,
                                  torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
@@ -303,7 +320,14 @@ def test_out_of_memory_stops_at_its_step_with_the_last_completed_steps_weights(e
     objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
     params = adapters.trainable_parameters()
     with frozen(net), adapters.attached(net), pytest.raises(TrainingOutOfMemory) as info:
-        run_training(params=params, samples=samples, predict_x0=predict_x0, objective=objective, config=config, device=cpu)
+        run_training(
+            params=params,
+            samples=samples,
+            predict_x0=predict_x0,
+            objective=objective,
+            config=config,
+            device=cpu,
+        )
     assert (info.value.step, info.value.total) == (3, 5) and isinstance(info.value, torch.OutOfMemoryError)
     assert "out of memory at step 3 of 5" in str(info.value) and all(p.grad is None for p in params)
 
@@ -311,8 +335,14 @@ def test_out_of_memory_stops_at_its_step_with_the_last_completed_steps_weights(e
                             torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
     net2 = Toy()
     with frozen(net2), two.attached(net2):
-        run_training(params=two.trainable_parameters(), samples=samples, objective=objective, device=cpu,
-                     predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net2(x_t), config=config.replace(steps=2))
+        run_training(
+            params=two.trainable_parameters(),
+            samples=samples,
+            objective=objective,
+            device=cpu,
+            predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net2(x_t),
+            config=config.replace(steps=2),
+        )
     for a, b in zip(params, two.trainable_parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -382,7 +412,14 @@ def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
             x0, _ = collate(samples, indices, cpu)
             sigma = objective.sample_sigmas(len(indices), gen)
             noise = objective.sample_noise(x0.shape, gen)
-            loss = denoise_loss(lambda xt, s: xt - s.view(-1, 1, 1, 1) * net(xt), objective, make_loss("MSE"), x0, noise, sigma)
+            loss = denoise_loss(
+                lambda xt, s: xt - s.view(-1, 1, 1, 1) * net(xt),
+                objective,
+                make_loss("MSE"),
+                x0,
+                noise,
+                sigma,
+            )
             for g, d in zip(grads, torch.autograd.grad(loss, params), strict=True):
                 g += d / k
     assert len(seen) == 5  # the three batches cover the dataset: not one batch three times
@@ -409,4 +446,6 @@ def test_batch_order_visits_every_sample_once_per_epoch_in_batches_of_one_shape(
     micros = list(range(4 * order.per_epoch))
     for micro in reversed(micros):
         assert fresh(micro) == epochs[micro // order.per_epoch][micro % order.per_epoch]
-    assert BatchOrder(samples, batch_size=2, seed=12)(0) != order(0) or BatchOrder(samples, 2, 12)(1) != order(1)
+    assert BatchOrder(samples, batch_size=2, seed=12)(0) != order(0) or BatchOrder(samples, 2, 12)(
+        1
+    ) != order(1)

@@ -475,12 +475,14 @@ def test_build_metadata_lora():
 
 @pytest.mark.parametrize(
     "family,prediction,arch,v2,spec_prediction",
-    [("SD15", "eps", "stable-diffusion-v1", "False", "epsilon"),
-     ("SD20", "eps", "stable-diffusion-v2-512", "True", "epsilon"),
-     ("SD20", "v", "stable-diffusion-v2-768-v", "True", "v"),
-     ("SDXL", "eps", "stable-diffusion-xl-v1-base", "False", "epsilon"),
-     ("Flux", "flow", "flux-1-dev", "False", "flow"),
-     ("CosmosT2IPredict2", "raw", "cosmost2ipredict2", "False", None)],
+    [
+        ("SD15", "eps", "stable-diffusion-v1", "False", "epsilon"),
+        ("SD20", "eps", "stable-diffusion-v2-512", "True", "epsilon"),
+        ("SD20", "v", "stable-diffusion-v2-768-v", "True", "v"),
+        ("SDXL", "eps", "stable-diffusion-xl-v1-base", "False", "epsilon"),
+        ("Flux", "flow", "flux-1-dev", "False", "flow"),
+        ("CosmosT2IPredict2", "raw", "cosmost2ipredict2", "False", None),
+    ],
 )
 def test_build_metadata_tells_sd2_v_prediction_and_resolution_as_a1111_and_kohya_read_them(
     family, prediction, arch, v2, spec_prediction
@@ -622,7 +624,11 @@ def test_step_counts_from_files_are_range_checked(metadata, filename, expected, 
 
 
 def test_step_count_type_checks():
-    assert file_names.step_count(7) == 7 and file_names.step_count("7") == 7 and file_names.step_count(" 250.0 ") == 250
+    assert (
+        file_names.step_count(7) == 7
+        and file_names.step_count("7") == 7
+        and file_names.step_count(" 250.0 ") == 250
+    )
     for bad in (True, 7.0, -1, None, [], "1e308", 10**9 + 1, "0x10"):
         assert file_names.step_count(bad) is None, bad
 

@@ -53,7 +53,11 @@ def test_probe_counts_what_a_real_forward_keeps_and_keeps_none_of_it():
         profile = profile_activations(lambda: net(x), repeated_blocks(net), skip=skip)
     assert all(p.grad is None for p in adapters.parameters())
     assert profile.total == _kept_bytes(net, adapters, x, checkpointing=False) > 0
-    assert len(profile.blocks) == 4 and all(b > 0 for b in profile.blocks) and sum(profile.blocks) < profile.total
+    assert (
+        len(profile.blocks) == 4
+        and all(b > 0 for b in profile.blocks)
+        and sum(profile.blocks) < profile.total
+    )
     assert profile.block_inputs == [1 * 16 * 16 * 16 * 4] * 4  # each block's input: [1, 16, 16, 16] fp32
 
 
@@ -61,7 +65,9 @@ def test_checkpointed_estimate_covers_what_checkpointing_keeps_and_scales_with_b
     net, adapters = _attached(depth=6)
     x = torch.randn(1, 4, 16, 16)
     with frozen(net), adapters.attached(net):
-        profile = profile_activations(lambda: net(x), repeated_blocks(net), skip=[*net.parameters(), *adapters.parameters()])
+        profile = profile_activations(
+            lambda: net(x), repeated_blocks(net), skip=[*net.parameters(), *adapters.parameters()]
+        )
     kept = _kept_bytes(net, adapters, x, checkpointing=True)
     estimate = profile.for_run(1, checkpointing=True)
     # the estimate adds the one block recomputed in backward to what checkpointing keeps
@@ -84,7 +90,9 @@ def test_a_probe_of_two_samples_scales_to_larger_batches():
 
 def test_plan_adds_adapters_gradients_and_optimizer_state_per_optimizer():
     profile = ActivationProfile(total=1000, blocks=[300, 300], block_inputs=[10, 10])
-    adamw = plan(weights=5000, trainable_values=100, optimizer="AdamW", profile=profile, batch=2, checkpointing=False)
+    adamw = plan(
+        weights=5000, trainable_values=100, optimizer="AdamW", profile=profile, batch=2, checkpointing=False
+    )
     assert (adamw.trainable, adamw.gradients, adamw.optimizer, adamw.activations) == (400, 400, 800, 2 * 1000)
     assert adamw.added == 400 + 400 + 800 + 2000 and adamw.total == adamw.added + 5000
     assert plan(5000, 100, "SGD", profile, 2, False).optimizer == 400
@@ -96,13 +104,25 @@ def test_over_budget_plan_names_the_changes_that_fit():
     1600 + 4 x (2000 outside + 200 inputs + 6000) = 34_400; batch 3: 43_600; bf16: 29_600; an fp8 base
     frees 30_000 besides."""
     profile = ActivationProfile(total=14_000, blocks=[6000, 6000], block_inputs=[100, 100])
-    args = dict(weights=50_000, trainable_values=100, optimizer="AdamW", profile=profile, batch=4, checkpointing=False,
-                where="the GPU", fp8_savings=30_000, training_dtype="fp32")
+    args = dict(
+        weights=50_000,
+        trainable_values=100,
+        optimizer="AdamW",
+        profile=profile,
+        batch=4,
+        checkpointing=False,
+        where="the GPU",
+        fp8_savings=30_000,
+        training_dtype="fp32",
+    )
     fit = check_fit(available=45_000, **args)
     assert not fit.fits and fit.plan.added == 57_600
     assert [(what.split(" (")[0], p.added) for what, p in fit.alternatives] == [
-        ("turn gradient_checkpointing on", 34_400), ("batch_size 3", 43_600), ("training_dtype bf16", 29_600),
-        ("an fp8 base", 57_600)]
+        ("turn gradient_checkpointing on", 34_400),
+        ("batch_size 3", 43_600),
+        ("training_dtype bf16", 29_600),
+        ("an fp8 base", 57_600),
+    ]
     tight = check_fit(available=20_000, **args)
     assert [what.split(" (")[0] for what, _ in tight.alternatives] == ["batch_size 1"]  # 15_600
     assert check_fit(available=57_600, **args).fits
@@ -144,7 +164,9 @@ def test_optimizer_factor_matches_the_state_the_optimizer_keeps(name):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    state = sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1)
+    state = sum(
+        v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1
+    )
     assert state == OPTIMIZER_STATE[name] * sum(p.numel() for p in params)
 
 
@@ -164,5 +186,7 @@ def test_optimizer_state_is_counted_per_shape_as_the_optimizer_keeps_it(name):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    kept = sum(v.numel() for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.numel() > 1)
+    kept = sum(
+        v.numel() for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.numel() > 1
+    )
     assert optimizer_state_values(name, shapes) == kept > 0

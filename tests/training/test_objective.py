@@ -38,15 +38,24 @@ def _sampling(ms, prediction_cls, sampling_cls, **settings):
 
 @pytest.mark.parametrize(
     "kind,prediction",
-    [("EPS", "eps"), ("V_PREDICTION", "v"), ("CONST", "flow"),
-     ("EPS", "raw"), ("V_PREDICTION", "raw"), ("CONST", "raw"), ("COSMOS_RFLOW", "raw")],
+    [
+        ("EPS", "eps"),
+        ("V_PREDICTION", "v"),
+        ("CONST", "flow"),
+        ("EPS", "raw"),
+        ("V_PREDICTION", "raw"),
+        ("CONST", "raw"),
+        ("COSMOS_RFLOW", "raw"),
+    ],
 )
 def test_target_inverts_calculate_denoised(comfy_sampling, kind, prediction):
     ms = comfy_sampling
     if not hasattr(ms, kind):
         pytest.skip(f"this ComfyUI has no {kind}")
-    sampling_cls = {"CONST": ms.ModelSamplingDiscreteFlow, "COSMOS_RFLOW": getattr(ms, "ModelSamplingCosmosRFlow", None)}.get(
-        kind, ms.ModelSamplingDiscrete)
+    sampling_cls = {
+        "CONST": ms.ModelSamplingDiscreteFlow,
+        "COSMOS_RFLOW": getattr(ms, "ModelSamplingCosmosRFlow", None),
+    }.get(kind, ms.ModelSamplingDiscrete)
     settings = {"shift": 3.0} if kind == "CONST" else {}
     sampling = _sampling(ms, getattr(ms, kind), sampling_cls, **settings)
     obj = Objective(sampling, prediction)

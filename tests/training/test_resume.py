@@ -42,7 +42,9 @@ def _fresh(net, config):
 LIBRARY_CASES = [("LoRA", "Prodigy"), ("LoRA", "Adafactor"), ("LoKr", "CAME"), ("LoHa", "Lion")]
 
 
-@pytest.mark.parametrize("algorithm,optimizer", [("LoRA", "AdamW"), ("LoHa", "RMSprop"), ("LoKr", "SGD"), *LIBRARY_CASES])
+@pytest.mark.parametrize(
+    "algorithm,optimizer", [("LoRA", "AdamW"), ("LoHa", "RMSprop"), ("LoKr", "SGD"), *LIBRARY_CASES]
+)
 def test_resume_is_bit_identical(tmp_path, algorithm, optimizer):
     if optimizer not in OPTIMIZER_NAMES:
         pytest.skip(f"{optimizer}: its library is not installed (requirements.txt)")
@@ -69,7 +71,9 @@ def test_resume_is_bit_identical(tmp_path, algorithm, optimizer):
     initial = adapters.state_dict_for_file()
     a = _run(cfg, adapters, net, samples, on_checkpoint=on_checkpoint)
     final_a = adapters.state_dict_for_file()
-    assert a.losses[-1] < a.losses[0] and any(not torch.equal(initial[k], final_a[k]) for k in initial)  # it trains
+    assert a.losses[-1] < a.losses[0] and any(
+        not torch.equal(initial[k], final_a[k]) for k in initial
+    )  # it trains
     assert [step for step, _ in saved] == [n, 2 * n]
     assert [loss for _, loss in saved] == [a.losses[n - 1], a.losses[-1]]  # the loss of that step
 
@@ -128,13 +132,23 @@ class TinyBlock(nn.Module):
 
 
 def test_target_presets_pick_the_right_layers():
-    m = nn.ModuleDict({"blocks": nn.ModuleList([TinyBlock()]), "t_embedder": Mlp(), "x_embedder": nn.Conv2d(4, 8, 2)})
-    pick = lambda preset, **kw: sorted(find_targets(m, target_patterns(preset, kw.get("include", ())), kw.get("exclude", ())))  # noqa: E731
+    m = nn.ModuleDict(
+        {"blocks": nn.ModuleList([TinyBlock()]), "t_embedder": Mlp(), "x_embedder": nn.Conv2d(4, 8, 2)}
+    )
+
+    def pick(preset, **kw):
+        return sorted(find_targets(m, target_patterns(preset, kw.get("include", ())), kw.get("exclude", ())))
+
     assert pick("all") == ["blocks.0.adaLN_modulation.1", "blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1",
                            "blocks.0.mlp.fc2", "t_embedder.fc1", "t_embedder.fc2", "x_embedder"]  # fmt: skip
     assert pick("attention") == ["blocks.0.attn.proj", "blocks.0.attn.qkv"]
     # the blocks' MLPs, not an embedder's
-    assert pick("attention_mlp") == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert pick("attention_mlp") == [
+        "blocks.0.attn.proj",
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
     assert pick("all", include=("*fc*",), exclude=("*fc2",)) == ["blocks.0.mlp.fc1", "t_embedder.fc1"]
     with pytest.raises(ValueError, match="targets"):
         target_patterns("everything")
@@ -175,4 +189,6 @@ def test_conditioning_values_batch_by_shape_and_plain_value_lists_and_dicts_alik
     _, cond = collate([a, b], [0, 1], torch.device("cpu"))
     assert cond["frame_rate"] == 25
     torch.testing.assert_close(cond["ref"][0], torch.cat([a.cond["ref"][0], b.cond["ref"][0]]))
-    torch.testing.assert_close(cond["extra"]["mask"], torch.cat([a.cond["extra"]["mask"], b.cond["extra"]["mask"]]))
+    torch.testing.assert_close(
+        cond["extra"]["mask"], torch.cat([a.cond["extra"]["mask"], b.cond["extra"]["mask"]])
+    )
