@@ -78,7 +78,10 @@ class LoraLab_PreviewSettings(io.ComfyNode):
                 "input of Training Options (LoRA Lab)."
             ),
             inputs=[
-                io.Conditioning.Input("positive", tooltip="The preview prompt (CLIP Text Encode)."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="The preview prompt (CLIP Text Encode); a conditioning of batch N (N prompts, e.g. a dataset's) renders N images per preview.",
+                ),
                 io.Int.Input(
                     "every_n_steps",
                     default=50,
@@ -216,6 +219,27 @@ def latent_to_rgb(model, samples: torch.Tensor) -> list[Image.Image]:
     return images
 
 
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    """The images in one row (one preview step's grid), on black where heights differ."""
+    width, height = sum(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (width, height))
+    x = 0
+    for im in images:
+        grid.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return grid
+
+
+def grid_batch(grids: list[Image.Image]) -> torch.Tensor:
+    """uint8 [steps, H, W, 3] of the steps' grids (what LOSS_MAP's preview_images holds; a smaller
+    grid is padded with black to the largest)."""
+    height, width = max(g.height for g in grids), max(g.width for g in grids)
+    out = torch.zeros(len(grids), height, width, 3, dtype=torch.uint8)
+    for i, g in enumerate(grids):
+        out[i, : g.height, : g.width] = torch.from_numpy(np.asarray(g.convert("RGB")).copy())
+    return out
+
+
 class Previewer:
     """Renders the previews of one training run (see the module doc)."""
 
@@ -227,6 +251,7 @@ class Previewer:
         self.seconds = 0.0  # time spent in previews (kept out of steps/s)
         self.rendered: set[int] = set()
         self.last: dict[int, torch.Tensor] = {}  # step -> sampled latent (tests compare it with KSampler)
+        self.grids: dict[int, Image.Image] = {}  # step -> the step's images side by side
 
     def due(self, step: int, total: int) -> bool:
         every = self.settings.every_n_steps
@@ -247,7 +272,9 @@ class Previewer:
                     if lora
                     else self.model
                 )
-                latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, 1)[0]
+                # one image per prompt: a positive of batch N (N prompts, as a dataset's conditioning is)
+                batch = max((int(c[0].shape[0]) for c in s.positive), default=1)
+                latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, batch)[0]
                 negative = s.negative if s.negative is not None else _zero_out(s.positive)
                 out = nodes_mod.common_ksampler(model, s.seed, s.steps, s.cfg, s.sampler_name, s.scheduler, s.positive,
                                                 negative, latent)[0]["samples"]  # fmt: skip
@@ -262,6 +289,7 @@ class Previewer:
                 else:
                     pil = latent_to_rgb(model, out)
             names = [self._save(img, step, i) for i, img in enumerate(pil)]
+            self.grids[step] = side_by_side(pil)
         finally:
             self.seconds += time.perf_counter() - t0
         self.rendered.add(step)
@@ -294,4 +322,35 @@ class Previewer:
         send_preview(self.node_id, step, names)
 
 
-NODES: list[type[io.ComfyNode]] = [LoraLab_PreviewSettings]
+class LoraLab_PreviewImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLab_PreviewImages",
+            display_name="Preview Images (LoRA Lab)",
+            category="LoRA Lab",
+            description="The previews a training run rendered (Preview Settings), as an IMAGE batch to wire on: one "
+            "grid per preview step, in step order, the step's images side by side.",
+            inputs=[
+                io.Custom("LOSS_MAP").Input("loss", tooltip="The loss output of Train LoRA (LoRA Lab) run with previews."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="One grid per preview step (before the first step, "
+                                "every N steps, after the last)."),
+                io.String.Output(display_name="steps", tooltip="The grids' steps, comma-separated."),
+            ],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, loss) -> io.NodeOutput:
+        images = loss.get("preview_images") if isinstance(loss, Mapping) else None
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.shape[0]:
+            raise ValueError(
+                "loss: this LOSS_MAP holds no previews; give Train LoRA (LoRA Lab) a Training Options node "
+                "with a Preview Settings node in its preview input"
+            )
+        steps = ", ".join(str(s) for s in loss.get("preview_step", []))
+        return io.NodeOutput(images.float() / 255.0, steps)
+
+
+NODES: list[type[io.ComfyNode]] = [LoraLab_PreviewSettings, LoraLab_PreviewImages]

@@ -59,7 +59,7 @@ from . import comfy_model as cm
 from .events import send_progress
 from .files import loras_root
 from .options import OPTIONS_TYPE, TrainingOptionsValue, widget
-from .preview import Previewer, PreviewSettings
+from .preview import Previewer, PreviewSettings, grid_batch
 from .validation import ValidationSettings, Validator
 
 log = logging.getLogger("loralab")
@@ -139,24 +139,25 @@ class TrainLoraNode(io.ComfyNode):
         config = opts.config.replace(**args)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         prompt = getattr(cls.hidden, "prompt", None) if cls.hidden is not None else None
-        held_out: dict = {}
+        extra: dict = {}  # LOSS_MAP entries beside "loss"
         lora_sd, losses, total = train(model[0], latents, positive, config, existing, node_id, opts.checkpoint_prefix,
                                        preview=opts.preview, prompt=prompt, validation=opts.validation,
-                                       validation_out=held_out)  # fmt: skip
+                                       loss_map=extra)  # fmt: skip
         model_with_lora = comfy.sd.load_lora_for_models(model[0], None, lora_sd, 1.0, 0)[0]
-        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses, **held_out}, total)
+        return io.NodeOutput(model_with_lora, lora_sd, {"loss": losses, **extra}, total)
 
 
 def train(
     model, latents, positive, config: TrainConfig, existing: str, node_id, checkpoint_prefix: str,
     preview: PreviewSettings | None = None, prompt=None, validation: ValidationSettings | None = None,
-    validation_out: dict | None = None,
+    loss_map: dict | None = None,
 ) -> tuple[LoraStateDict, list[float], int]:  # fmt: skip
     """Clone the model, attach adapters to the clone's layers for the run only, train, return the
     weights, the loss per step and the total step count (earlier steps of existing_lora included).
     preview: sample previews before the first step, every N steps and after the last (nodes/preview.py);
     validation: measure a held-out set's loss at those points (nodes/validation.py), written into
-    validation_out as {"validation_loss": [...], "validation_step": [...]}."""
+    loss_map (the LOSS_MAP beside "loss") gets {"validation_loss": [...], "validation_step": [...]} and
+    {"preview_step": [...], "preview_images": uint8 [steps, H, W, 3]}, one grid per preview step."""
     loras_folder = loras_root()
     prefix_location(
         loras_folder, checkpoint_prefix, "checkpoint_prefix"
@@ -293,13 +294,15 @@ def train(
         finally:
             bar.close()
     total = start.step + config.steps
-    if validator is not None and validation_out is not None:
-        validation_out.update(validation_loss=list(validator.losses), validation_step=list(validator.steps))
-    if previewer is not None and previewer.due(
-        total, total
-    ):  # the last step, where the loop did not get to it
+    if validator is not None and loss_map is not None:
+        loss_map.update(validation_loss=list(validator.losses), validation_step=list(validator.steps))
+    # the last step's previews, where the loop did not get to it
+    if previewer is not None and previewer.due(total, total):
         with cm.training_mode():
             preview_at(total, result.losses[-1], running=False)
+    if previewer is not None and loss_map is not None and previewer.grids:
+        steps = sorted(previewer.grids)
+        loss_map.update(preview_step=steps, preview_images=grid_batch([previewer.grids[s] for s in steps]))
     return writer.lora(total, result.losses[-1]), result.losses, total
 
 

@@ -201,16 +201,25 @@ def output_paths(result: RunResult, base_dir: pathlib.Path) -> tuple[list[pathli
     return loras, images
 
 
-def report(result: RunResult, printer: ProgressPrinter, base_dir: pathlib.Path) -> None:
-    loras, images = output_paths(result, base_dir)
+# What the main job calls the images of each node class ("image" for others).
+IMAGE_LABELS = {"LoraLab_PlotLoss": "loss plot", "SaveImage": "previews"}
+
+
+def report(result: RunResult, printer: ProgressPrinter, base_dir: pathlib.Path, prompt: dict | None = None) -> None:
+    loras, _ = output_paths(result, base_dir)
     say("")
     for p in loras:
         say(f"LoRA file:  {p}" + ("" if p.exists() else "  (missing!)"))
     if not loras:
         say("LoRA file:  (no Save LoRA output in the history)")
-    for p in images:
-        say(f"loss plot:  {p}" + ("" if p.exists() else "  (missing!)"))
-    if not images:
+    shown = 0
+    for node_id, ui in sorted(result.outputs.items()):
+        _, images = output_paths(RunResult(result.prompt_id, result.status, {node_id: ui}, None), base_dir)
+        label = IMAGE_LABELS.get(((prompt or {}).get(node_id) or {}).get("class_type", ""), "image")
+        for p in images:
+            say(f"{label + ':':<11} {p}" + ("" if p.exists() else "  (missing!)"))
+            shown += 1
+    if not shown:
         say("loss plot:  (no image output in the history)")
     sps = printer.steps_per_s()
     last = printer.last_custom or {}
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         running_prompt = False
 
         if result.status == "success":
-            report(result, printer, base_dir)
+            report(result, printer, base_dir, prompt)
             finished_rc = EXIT_OK
         else:
             say("")

@@ -79,14 +79,15 @@ function runForPreview(detail) {
     while (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
   }
   const step = toInt(detail.step, 0);
-  for (const image of Array.isArray(detail.images) ? detail.images : []) {
-    if (!image || typeof image.filename !== "string") continue;
+  // One thumbnail per step: its first image (a positive of batch N renders N; all are in the output folder).
+  const images = (Array.isArray(detail.images) ? detail.images : []).filter((i) => i && typeof i.filename === "string");
+  if (images.length) {
     const query = new URLSearchParams({
-      filename: image.filename,
-      subfolder: image.subfolder ?? "",
-      type: image.type ?? "output",
+      filename: images[0].filename,
+      subfolder: images[0].subfolder ?? "",
+      type: images[0].type ?? "output",
     });
-    run.previews.push({ step, url: api.apiURL(`/view?${query}`) });
+    run.previews.push({ step, url: api.apiURL(`/view?${query}`), count: images.length });
   }
   run.previews = run.previews.slice(-MAX_PREVIEWS);
   return run;
@@ -426,8 +427,9 @@ function renderStrip(view, run) {
       const img = document.createElement("img");
       img.src = p.url;
       img.alt = `preview at step ${p.step}`;
+      img.title = p.count > 1 ? `step ${p.step}: the first of ${p.count} images (all in the output folder)` : `step ${p.step}`;
       img.dataset.step = String(p.step);
-      box.append(img, el("span", null, `step ${p.step}`));
+      box.append(img, el("span", null, p.count > 1 ? `step ${p.step} (${p.count})` : `step ${p.step}`));
       return box;
     }),
   );

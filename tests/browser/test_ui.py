@@ -203,8 +203,10 @@ VIEW_STATE = """() => {
   const e = document.querySelector('.loralab-live');
   if (!e) return null;
   const pts = (cls) => (e.querySelector(cls).getAttribute('points') || '').trim().split(/\\s+/).filter(Boolean).length;
+  // on-screen size divided by the canvas zoom: the size on the node, whatever FitView chose
+  const scale = window.app?.canvas?.ds?.scale || 1;
   return {...e.dataset, text: e.innerText, raw: pts('.loralab-raw'), smooth: pts('.loralab-smooth'),
-          height: e.getBoundingClientRect().height, width: e.getBoundingClientRect().width};
+          height: e.getBoundingClientRect().height / scale, width: e.getBoundingClientRect().width / scale};
 }"""
 
 
@@ -402,12 +404,15 @@ def test_progress_events_for_absent_or_other_nodes_are_harmless(ui):
 
 
 def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
-    """The tiny template with Preview Settings wired in through the canvas (dataset's positive ->
-    Preview Settings -> Training Options -> Train LoRA), queued with the Run button: the previews
-    appear in the strip of the live view while it trains, each with its step, and stay after the run."""
+    """The tiny template (its Preview Settings -> Training Options -> Train LoRA, previews every 10
+    steps), queued with the Run button: the previews appear in the strip of the live view while it
+    trains, each with its step, and stay after the run."""
     ensure_open(ui)
     page = ui.page
     workflow = json.loads((ROOT / "example_workflows" / f"{TEMPLATE}.json").read_text())
+    assert any(n["type"] == "LoraLab_PreviewSettings" for n in workflow["nodes"]), (
+        "the template has no previews"
+    )
     ui.load_graph(workflow, "previews")
     page.wait_for_function(f"app.graph.nodes.length === {len(workflow['nodes'])}")
     seed = random.randrange(1, 2**31)
@@ -415,23 +420,11 @@ def test_previews_appear_on_the_train_node_while_it_trains(ui, comfy_server):
         """([train_type, seed]) => {
         const g = app.graph;
         const train = g.nodes.find((n) => n.type === train_type);
-        const data = g.nodes.find((n) => n.type === "LoraLab_LoadLatentDataset");
-        const options = LiteGraph.createNode("LoraLab_TrainingOptions");
-        const preview = LiteGraph.createNode("LoraLab_PreviewSettings");
-        options.pos = [train.pos[0] - 420, train.pos[1] + 260];
-        preview.pos = [train.pos[0] - 840, train.pos[1] + 260];
-        g.add(options);
-        g.add(preview);
+        const preview = g.nodes.find((n) => n.type === "LoraLab_PreviewSettings");
         const set = (node, name, value) => { node.widgets.find((w) => w.name === name).value = value; };
-        set(preview, "every_n_steps", 10);
         set(preview, "steps", 2);
-        set(preview, "width", 128);
-        set(preview, "height", 128);
         set(preview, "filename_prefix", "browser/previews");
         set(train, "seed", seed);
-        data.connect(1, preview, preview.findInputSlot("positive"));
-        preview.connect(0, options, options.findInputSlot("preview"));
-        options.connect(0, train, train.findInputSlot("options"));
         g.setDirtyCanvas(true, true);
     }""",
         [TRAIN, seed],

@@ -16,6 +16,7 @@ from harness.workflow import (
     ui_to_api,
     widget_layout,
 )
+from training.config import node_options
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json"
@@ -406,9 +407,48 @@ PACK_INFO = {
                 "algorithm": ["COMBO", {"options": ["LoRA", "LoHa", "LoKr"]}],
                 "gradient_checkpointing": ["BOOLEAN", {"default": True}],
                 "existing_lora": ["COMBO", {"options": ["[None]"]}],
-            }
+            },
+            "optional": {"options": ["LORALAB_TRAINING_OPTIONS"]},
         },
         "output": ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"],
+    },
+    "LoraLab_PreviewSettings": {
+        "input": {
+            "required": {
+                "positive": ["CONDITIONING"],
+                "every_n_steps": ["INT", {"default": 100}],
+                "seed": ["INT", {"default": 0}],
+                "steps": ["INT", {"default": 20}],
+                "cfg": ["FLOAT", {"default": 7.0}],
+                "sampler_name": [["euler"]],
+                "scheduler": [["simple", "normal"]],
+                "width": ["INT", {"default": 512}],
+                "height": ["INT", {"default": 512}],
+                "lora_strength": ["FLOAT", {"default": 1.0}],
+                "filename_prefix": ["STRING", {"default": "p"}],
+            },
+            "optional": {"negative": ["CONDITIONING"], "vae": ["VAE"]},
+        },
+        "output": ["LORALAB_PREVIEW"],
+    },
+    "LoraLab_TrainingOptions": {
+        "input": {
+            "required": {
+                o.name: (
+                    ["COMBO", {"options": list(o.choices)}]
+                    if o.kind == "combo"
+                    else [o.kind.upper().replace("BOOL", "BOOLEAN"), {"default": o.widget_default}]
+                )
+                for o in node_options("options")
+            },
+            "optional": {"preview": ["LORALAB_PREVIEW"], "validation": ["LORALAB_VALIDATION"]},
+        },
+        "output": ["LORALAB_TRAINING_OPTIONS"],
+    },  # fmt: skip
+    "LoraLab_PreviewImages": {"input": {"required": {"loss": ["LOSS_MAP"]}}, "output": ["IMAGE", "STRING"]},
+    "SaveImage": {
+        "input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+        "output": [],
     },
     "LoraLab_SaveLora": {
         "input": {
@@ -481,6 +521,24 @@ def test_example_workflow_converts_to_the_expected_prompt():
         "algorithm": "LoRA",
         "gradient_checkpointing": True,
         "existing_lora": "[None]",
+        "options": [by_type["LoraLab_TrainingOptions"][0], 0],
+    }
+    previews, settings = by_type["LoraLab_PreviewSettings"]
+    assert settings["positive"] == [data, 1] and settings["every_n_steps"] == 10 and settings["steps"] == 4
+    assert (settings["width"], settings["height"], settings["filename_prefix"]) == (
+        128,
+        128,
+        "loralab/tiny_sd3_previews",
+    )
+    options = by_type["LoraLab_TrainingOptions"][1]
+    assert (
+        options["preview"] == [previews, 0] and options["offload_blocks"] == -1 and options["save_every"] == 0
+    )
+    grid_id, grid = by_type["LoraLab_PreviewImages"]
+    assert grid == {"loss": [trainer_id, 2]}
+    assert by_type["SaveImage"][1] == {
+        "images": [grid_id, 0],
+        "filename_prefix": "loralab/tiny_sd3_preview_grid",
     }
     assert by_type["LoraLab_SaveLora"][1] == {
         "lora": [trainer_id, 1],

@@ -4,6 +4,7 @@ with the same LoRA as one without, and every preview is a PNG in the output fold
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -115,3 +116,39 @@ def test_every_preview_is_a_png_with_its_step(glue, loras_dir, output_dir, monke
             img.size == (16, 16) and img.text["loralab.step"] == "3"
         )  # latent-to-RGB: one pixel per latent pixel
     assert previewer.seconds > 0
+
+
+def test_the_run_previews_reach_the_graph_as_one_grid_per_step(glue, loras_dir, output_dir):
+    """LOSS_MAP carries the grids (preview_step / preview_images), pixel for pixel the saved PNGs; Preview
+    Images turns them into an IMAGE batch in step order; a LOSS_MAP without previews is refused by name."""
+    train_mod, preview_mod, families = glue
+    from training.config import TrainConfig
+
+    model = families.build_model("sd15")
+    latents, conditioning = families.make_data("sd15")
+    context, opts = conditioning[0]
+    two = [
+        [torch.cat([context[:1], context[:1] * 0.5]), opts]
+    ]  # a positive of batch 2: two prompts, a grid of two
+    settings = preview_mod.PreviewSettings(positive=two, negative=None, vae=None, every_n_steps=2, seed=7, steps=2,
+                                           cfg=1.0, sampler_name="euler", scheduler="simple", width=128, height=128,
+                                           lora_strength=1.0, filename_prefix="loralab/grid")  # fmt: skip
+    config = TrainConfig(steps=3, rank=RANK, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
+    loss_map: dict = {}
+    train_mod.train(model, [latents], [conditioning], config, "[None]", None, "loralab/pv/ck", preview=settings,
+                    loss_map=loss_map)  # fmt: skip
+    assert loss_map["preview_step"] == [0, 2, 3]
+    images = loss_map["preview_images"]
+    assert images.dtype == torch.uint8 and images.shape[0] == 3 and images.shape[-1] == 3
+    folder = output_dir / "loralab" / "grid"
+    for i, step in enumerate(loss_map["preview_step"]):
+        parts = sorted(folder.glob(f"step_{step}_*.png"))
+        assert len(parts) == 2, parts
+        row = torch.cat([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in parts], 1)
+        assert torch.equal(images[i], row), step
+    out = preview_mod.LoraLab_PreviewImages.execute({"loss": [1.0], **loss_map})
+    batch, steps = out.result
+    assert batch.shape == images.shape and batch.dtype == torch.float32 and steps == "0, 2, 3"
+    torch.testing.assert_close(batch, images.float() / 255)
+    with pytest.raises(ValueError, match="^loss: this LOSS_MAP holds no previews"):
+        preview_mod.LoraLab_PreviewImages.execute({"loss": [1.0]})

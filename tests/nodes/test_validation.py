@@ -24,7 +24,7 @@ def _train(glue, validation, steps=4):
     config = TrainConfig(steps=steps, rank=4, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
     out: dict = {}
     lora, losses, _ = train_mod.train(model, [latents], [conditioning], config, "[None]", None, "loralab/val",
-                                      validation=validation, validation_out=out)  # fmt: skip
+                                      validation=validation, loss_map=out)  # fmt: skip
     return model, lora, losses, out
 
 
