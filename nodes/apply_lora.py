@@ -65,15 +65,15 @@ def for_model(model, lora: Mapping) -> LoraStateDict:
     """The LoRA in the model's "diffusion_model.<module>" keys (model_keys), knowing the model's kohya and
     diffusers names for its layers, as a LoRA from the trainer does; metadata kept."""
     from ..lora.inject import find_targets, group_file_keys
-    from . import comfy_model as cm
+    from . import lora_keys
 
-    keys = cm.key_targets(model)
+    keys = lora_keys.key_targets(model)
     tensors = model_keys(model, lora, keys)
     layers = find_targets(model.model.diffusion_model)
     groups, _ = group_file_keys(tensors, layers)
     targets = {p: layers[p] for p in groups}
-    names = {"kohya": cm.kohya_names(model, targets, cm.lora_key_names(model, keys)),
-             "diffusers": cm.diffusers_names(model, targets, keys)}  # fmt: skip
+    names = {"kohya": lora_keys.kohya_names(model, targets, lora_keys.lora_key_names(model, keys)),
+             "diffusers": lora_keys.diffusers_names(model, targets, keys)}  # fmt: skip
     return LoraStateDict(tensors, metadata=getattr(lora, "metadata", None), file_names=names)
 
 
@@ -81,12 +81,12 @@ def model_keys(model, lora: Mapping, keys: list | None = None) -> dict:
     """A LoRA in any naming the model's loader maps, in "diffusion_model.<module>" keys, with the alpha of
     a peft file's metadata on its layers; parts of a fused layer become one LoRA of it. Keys that map to
     no layer stay as they are (ComfyUI's loader still applies what it knows). keys: the model's
-    comfy_model.key_targets, when the caller has it."""
-    from . import comfy_model as cm
+    lora_keys.key_targets, when the caller has it."""
+    from . import lora_keys
 
-    keys = cm.key_targets(model) if keys is None else keys
-    return normalize_file_keys(lora, cm.lora_key_names(model, keys), peft_alphas(getattr(lora, "metadata", None)),
-                               parts=cm.lora_split_names(model, keys))  # fmt: skip
+    keys = lora_keys.key_targets(model) if keys is None else keys
+    return normalize_file_keys(lora, lora_keys.lora_key_names(model, keys), peft_alphas(getattr(lora, "metadata", None)),
+                               parts=lora_keys.lora_split_names(model, keys))  # fmt: skip
 
 
 NODES: list[type[io.ComfyNode]] = [LoraLab_ApplyLora]

@@ -56,6 +56,7 @@ from ..training.memory_plan import (
 )
 from ..training.offload import BlockOffload, offload_bytes
 from . import comfy_model as cm
+from . import lora_keys
 from .events import send_progress
 from .files import loras_root
 from .options import OPTIONS_TYPE, TrainingOptionsValue, widget
@@ -168,9 +169,9 @@ def train(
         contextlib.ExitStack() as cleanup,
     ):  # tensors read here must be normal ones: autograd and optimizer use them
         family = type(patcher.model.model_config).__name__
-        keys = cm.key_targets(patcher)  # ComfyUI's LoRA key map, read once
-        key_names = cm.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
-        start = (_Start.read(existing, config, key_names, cm.lora_split_names(patcher, keys))
+        keys = lora_keys.key_targets(patcher)  # ComfyUI's LoRA key map, read once
+        key_names = lora_keys.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
+        start = (_Start.read(existing, config, key_names, lora_keys.lora_split_names(patcher, keys))
                  if existing and existing != NO_LORA else _Start())  # fmt: skip
         config = start.agree_alpha(config)
         diffusion = patcher.model.diffusion_model
@@ -225,8 +226,8 @@ def train(
             raise _over_budget(fit)
         writer = _Writer(adapters, carried, config, family, len(samples),
                          loras_folder, checkpoint_prefix,
-                         {"kohya": cm.kohya_names(patcher, targets, key_names),
-                          "diffusers": cm.diffusers_names(patcher, targets, keys)},
+                         {"kohya": lora_keys.kohya_names(patcher, targets, key_names),
+                          "diffusers": lora_keys.diffusers_names(patcher, targets, keys)},
                          {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
                           "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id, {**fit.plan.as_dict(), "available": fit.available})
@@ -512,7 +513,7 @@ class _Start:
              split_names: dict | None = None) -> _Start:  # fmt: skip
         """key_names: file stem -> module path in every naming ComfyUI's loader reads for this model
         (kohya, diffusers / peft, LyCORIS ...), so a LoRA made by another tool continues too;
-        split_names: names of parts of fused layers (comfy_model.lora_split_names), merged into one
+        split_names: names of parts of fused layers (lora_keys.lora_split_names), merged into one
         LoRA of the layer."""
         path = folder_paths.get_full_path("loras", name)
         if path is None:

@@ -205,7 +205,9 @@ def output_paths(result: RunResult, base_dir: pathlib.Path) -> tuple[list[pathli
 IMAGE_LABELS = {"LoraLab_PlotLoss": "loss plot", "SaveImage": "previews"}
 
 
-def report(result: RunResult, printer: ProgressPrinter, base_dir: pathlib.Path, prompt: dict | None = None) -> None:
+def report(
+    result: RunResult, printer: ProgressPrinter, base_dir: pathlib.Path, prompt: dict | None = None
+) -> None:
     loras, _ = output_paths(result, base_dir)
     say("")
     for p in loras:

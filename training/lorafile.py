@@ -65,8 +65,8 @@ class LoraStateDict(dict):
         super().__init__(*args, **kwargs)
         self.metadata: dict[str, str] = dict(metadata or {})
         # key format -> module path -> that format's name(s) for the layer on the model this LoRA was
-        # trained on: "kohya" the "lora_unet_..." stem kohya sd-scripts uses (nodes.comfy_model.kohya_names),
-        # "diffusers" the peft module names with the output rows each covers (comfy_model.diffusers_names).
+        # trained on: "kohya" the "lora_unet_..." stem kohya sd-scripts uses (nodes.lora_keys.kohya_names),
+        # "diffusers" the peft module names with the output rows each covers (lora_keys.diffusers_names).
         # Not written into files; a LoRA read from a file has none, and keeps the model's own names.
         self.file_names: dict[str, dict] = {k: dict(v) for k, v in (file_names or {}).items()}
 

@@ -16,8 +16,8 @@ RANK, ALPHA = 4, 2.0
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
-    return comfy_glue("train"), cm, families
+def glue(comfy_glue, families):
+    return comfy_glue("train"), comfy_glue("lora_keys"), families
 
 
 def _trained(glue, family):
@@ -81,10 +81,10 @@ STYLES = {
 
 @pytest.mark.parametrize("style", list(STYLES))
 def test_foreign_naming_continues_with_the_same_weights_and_alpha(glue, loras_dir, style):
-    train_mod, cm, _ = glue
+    train_mod, lora_keys, _ = glue
     family, test, peft = STYLES[style]
     patcher, ours = _trained(glue, family)
-    names = cm.lora_key_names(patcher)
+    names = lora_keys.lora_key_names(patcher)
     paths = {k.removeprefix("diffusion_model.")[: -len(".alpha")] for k in ours if k.endswith(".alpha")}
     tensors, meta = _renamed(ours, _pick(names, paths, test), peft)
     save_file(tensors, str(loras_dir / f"{style}.safetensors"), metadata=meta)
@@ -100,7 +100,7 @@ def test_foreign_naming_continues_with_the_same_weights_and_alpha(glue, loras_di
 
 
 def test_file_for_another_model_names_a_file_key_and_an_expected_key(glue, loras_dir):
-    train_mod, cm, families = glue
+    train_mod, lora_keys, families = glue
     from lora.inject import find_targets
     from training.config import TrainConfig
 
@@ -108,7 +108,7 @@ def test_file_for_another_model_names_a_file_key_and_an_expected_key(glue, loras
     save_file({k: v.contiguous() for k, v in sd15.items()}, str(loras_dir / "sd15.safetensors"))
     flux = families.build_model("flux_dev")
     config = TrainConfig(rank=RANK, training_dtype="fp32", lora_dtype="fp32")
-    start = train_mod._Start.read("sd15.safetensors", config, cm.lora_key_names(flux))
+    start = train_mod._Start.read("sd15.safetensors", config, lora_keys.lora_key_names(flux))
     targets = find_targets(flux.model.diffusion_model)
     with pytest.raises(
         ValueError,
@@ -180,7 +180,7 @@ def test_flux_diffusers_file_continues_as_one_lora_per_fused_layer(glue, loras_d
     """key_format diffusers splits Flux's fused qkv / linear1 into diffusers' to_q / to_k / to_v (/ proj_mlp)
     with one shared A; existing_lora reads the parts back as one LoRA of the fused layer with the same ΔW
     (rank kept), so nothing of the file is left over as untrainable carried keys."""
-    train_mod, cm, _ = glue
+    train_mod, lora_keys, _ = glue
     from lora.inject import convert_key_format
     from training.config import TrainConfig
 
@@ -203,7 +203,10 @@ def test_flux_diffusers_file_continues_as_one_lora_per_fused_layer(glue, loras_d
 
     config = TrainConfig(rank=RANK, training_dtype="fp32", lora_dtype="fp32")
     start = train_mod._Start.read(
-        "flux_diffusers.safetensors", config, cm.lora_key_names(patcher), cm.lora_split_names(patcher)
+        "flux_diffusers.safetensors",
+        config,
+        lora_keys.lora_key_names(patcher),
+        lora_keys.lora_split_names(patcher),
     )
     factors = {k for k in start.weights if not k.endswith(".alpha")}
     assert factors == {k for k in lora if not k.endswith(".alpha")}  # every layer, and nothing left over
@@ -218,13 +221,13 @@ def test_flux_diffusers_file_continues_as_one_lora_per_fused_layer(glue, loras_d
 def test_split_parts_with_their_own_factors_and_alphas_merge_exactly(glue):
     """Parts with different A's and alphas (a file trained on diffusers' Flux, which has separate q / k / v
     layers): A's stacked, B block-diagonal, each part's scale folded in; rows no part covers stay zero."""
-    _, cm, families = glue
+    _, lora_keys, families = glue
     from lora.inject import merge_split_layers
 
     patcher = families.build_model("flux_dev")
     parts = {
         s: v
-        for s, v in cm.lora_split_names(patcher).items()
+        for s, v in lora_keys.lora_split_names(patcher).items()
         if s.startswith("transformer.single_transformer_blocks.0.")
     }
     gen = torch.Generator().manual_seed(4)
