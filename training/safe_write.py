@@ -120,9 +120,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool,
                 raise
             message = (f"could not write {what} {path}: {io_error.strerror or io_error}; check that the folder is "
                        f"writable and has free space{hint}")  # fmt: skip
-            error = OSError(message) if io_error.errno is None else OSError(io_error.errno, message)
-            error.filename = str(path)
-            raise error from exc
+            raise (OSError(message) if io_error.errno is None else OSError(io_error.errno, message)) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

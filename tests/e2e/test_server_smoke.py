@@ -22,6 +22,9 @@ EXPECTED_NODES = {
     "LoraLab_LoadLatentDataset",
     "LoraLab_SaveLora",
     "LoraLab_PlotLoss",
+    "LoraLab_TrainingOptions",
+    "LoraLab_PreviewSettings",
+    "LoraLab_PreviewImages",
 }
 EXAMPLE = ROOT / "example_workflows" / "loralab_tiny_sd3_lora.json"
 
@@ -156,7 +159,7 @@ def test_example_workflow_converts_against_live_object_info(comfy_server):
         warnings.simplefilter("error", WorkflowMismatchWarning)
         api = ui_to_api(wf, comfy_server.object_info, strict=True)
     classes = sorted(v["class_type"] for v in api.values())
-    assert classes == sorted(["UNETLoader", *EXPECTED_NODES])
+    assert classes == sorted(["UNETLoader", "SaveImage", *EXPECTED_NODES])
     info = comfy_server.object_info
     for node_id, node in api.items():
         spec = info[node["class_type"]]["input"]
