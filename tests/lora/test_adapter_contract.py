@@ -226,3 +226,24 @@ def test_lycoris_computes_the_merged_weight(algorithm, kind):
     torch.testing.assert_close(
         merged.reshape(layer.weight.shape), adapter.merge(layer.weight), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("algorithm", ["OFT", "DoRA"])
+def test_loading_casts_every_tensor_to_the_asked_dtype(algorithm):
+    layer = _layer("conv2d", torch.float32)
+    sd = _adapter(algorithm, layer).adapter_state_dict(dtype=torch.float16)
+    shape, conv = layer_spec(layer)
+    loaded = ALGORITHMS[algorithm].from_adapter_state_dict(sd, shape, conv=conv, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert [name for name, _ in loaded.named_parameters()] == [
+        name for name, _ in _adapter(algorithm, layer).named_parameters()
+    ]
+
+
+def test_dora_magnitude_of_the_wrong_size_is_refused_naming_the_key():
+    sd = _adapter("DoRA", _layer("linear", torch.float32)).adapter_state_dict()
+    sd["dora_scale"] = torch.ones(1, 11)
+    with pytest.raises(ValueError, match=r"'dora_scale' has shape \(1, 11\), expected \(1, 12\)"):
+        DoRAModule.from_adapter_state_dict(sd, (16, 12))
+    sd["dora_scale"] = torch.ones(12)  # flat: the same numbers, taken in the input-axis layout
+    assert DoRAModule.from_adapter_state_dict(sd, (16, 12)).magnitude.shape == (1, 12)
