@@ -40,6 +40,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..training.file_names import safe_prefix
+from ..training.safe_write import create_exclusive
 from .events import send_preview
 from .files import check_prefix, write_new_png
 
@@ -63,6 +64,9 @@ class PreviewSettings:
     height: int
     lora_strength: float
     filename_prefix: str
+    latent: dict | None = (
+        None  # the empty latent to sample (a video model's, with frames); None: width x height
+    )
 
 
 class LoraLab_PreviewSettings(io.ComfyNode):
@@ -145,6 +149,13 @@ class LoraLab_PreviewSettings(io.ComfyNode):
                     optional=True,
                     tooltip="Optional VAE to decode previews; without one, ComfyUI's latent-to-RGB preview.",
                 ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Optional empty latent to sample instead of width x height: a video model's, with its "
+                    "frames (EmptyHunyuanLatentVideo, Wan22ImageToVideoLatent, EmptyLTXVLatentVideo ...). Videos are "
+                    "saved as animated WEBP.",
+                ),
             ],
             outputs=[
                 io.Custom(PREVIEW_TYPE).Output(
@@ -159,10 +170,10 @@ class LoraLab_PreviewSettings(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, every_n_steps, seed, steps, cfg, sampler_name, scheduler, width, height, lora_strength,
-                filename_prefix, negative=None, vae=None) -> io.NodeOutput:  # fmt: skip
+                filename_prefix, negative=None, vae=None, latent=None) -> io.NodeOutput:  # fmt: skip
         safe_prefix(filename_prefix)
         return io.NodeOutput(PreviewSettings(positive, negative, vae, every_n_steps, seed, steps, cfg, sampler_name,
-                                             scheduler, width, height, lora_strength, filename_prefix))  # fmt: skip
+                                             scheduler, width, height, lora_strength, filename_prefix, latent))  # fmt: skip
 
 
 def comfy_nodes():
@@ -219,6 +230,13 @@ def latent_to_rgb(model, samples: torch.Tensor) -> list[Image.Image]:
     return images
 
 
+def _write_webp(f, frames: list[Image.Image], step: int) -> None:
+    """An animated WEBP of the frames (lossless, 16 fps as ComfyUI's video previews), the step in its XMP."""
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><loralab step="{step}"/></x:xmpmeta>'.encode()
+    frames[0].save(f, format="WEBP", save_all=True, append_images=frames[1:], duration=1000 // 16, loop=0,
+                   lossless=True, xmp=xmp)  # fmt: skip
+
+
 def side_by_side(images: list[Image.Image]) -> Image.Image:
     """The images in one row (one preview step's grid), on black where heights differ."""
     width, height = sum(im.width for im in images), max(im.height for im in images)
@@ -272,23 +290,18 @@ class Previewer:
                     if lora
                     else self.model
                 )
-                # one image per prompt: a positive of batch N (N prompts, as a dataset's conditioning is)
-                batch = max((int(c[0].shape[0]) for c in s.positive), default=1)
-                latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, batch)[0]
+                if s.latent is not None:  # the user's own empty latent (a video model's, with frames)
+                    latent = s.latent
+                else:  # one image per prompt: a positive of batch N (N prompts, as a dataset's conditioning is)
+                    batch = max((int(c[0].shape[0]) for c in s.positive), default=1)
+                    latent = nodes_mod.EmptyLatentImage().generate(s.width, s.height, batch)[0]
                 negative = s.negative if s.negative is not None else _zero_out(s.positive)
                 out = nodes_mod.common_ksampler(model, s.seed, s.steps, s.cfg, s.sampler_name, s.scheduler, s.positive,
                                                 negative, latent)[0]["samples"]  # fmt: skip
                 self.last[step] = out.detach().clone()
-                if s.vae is not None:
-                    decoded = s.vae.decode(out)
-                    decoded = decoded.reshape(-1, *decoded.shape[-3:])
-                    pil = [
-                        Image.fromarray(np.clip(255.0 * d.float().cpu().numpy(), 0, 255).astype(np.uint8))
-                        for d in decoded
-                    ]
-                else:
-                    pil = latent_to_rgb(model, out)
-            names = [self._save(img, step, i) for i, img in enumerate(pil)]
+                videos = self._decode(model, out)  # per sample: its frames (one for an image)
+            names = [self._save(frames, step, i) for i, frames in enumerate(videos)]
+            pil = [frames[0] for frames in videos]
             self.grids[step] = side_by_side(pil)
         finally:
             self.seconds += time.perf_counter() - t0
@@ -296,9 +309,27 @@ class Previewer:
         self._announce(step, names, pil[0] if pil else None)
         return names
 
-    def _save(self, img: Image.Image, step: int, index: int) -> str:
-        """<output>/<prefix>/step_<N>_<i>.png, created exclusively (a free name with a counter if taken);
-        a failed write leaves nothing behind."""
+    def _decode(self, model, out: torch.Tensor) -> list[list[Image.Image]]:
+        """The sampled latents as pictures: per sample its frames (a video latent [B, C, T, H, W] has T
+        frames' worth), through the VAE when there is one, else ComfyUI's latent-to-RGB preview."""
+        if self.settings.vae is not None:
+            decoded = self.settings.vae.decode(out)  # [B, H, W, C], or [B, T, H, W, C] for a video VAE
+            if decoded.ndim == 4:
+                decoded = decoded.unsqueeze(1)
+            return [
+                [
+                    Image.fromarray(np.clip(255.0 * f.float().cpu().numpy(), 0, 255).astype(np.uint8))
+                    for f in video
+                ]
+                for video in decoded
+            ]
+        if out.ndim == 5:  # latent frames, each previewed as an image latent
+            return [latent_to_rgb(model, out[b].transpose(0, 1)) for b in range(out.shape[0])]
+        return [[img] for img in latent_to_rgb(model, out)]
+
+    def _save(self, frames: list[Image.Image], step: int, index: int) -> str:
+        """<output>/<prefix>/step_<N>_<i>.png (an animated .webp for several frames), created exclusively
+        (a free name with a counter if taken); a failed write leaves nothing behind."""
         prefix = safe_prefix(self.settings.filename_prefix)
         folder = Path(folder_paths.get_output_directory()) / prefix
         folder.mkdir(parents=True, exist_ok=True)
@@ -306,9 +337,14 @@ class Previewer:
         info.add_text("loralab.step", str(step))
         if self.prompt is not None:
             info.add_text("prompt", json.dumps(self.prompt))
+        ext = ".png" if len(frames) == 1 else ".webp"
         for n in range(10_000):
-            name = f"step_{step}_{index}.png" if n == 0 else f"step_{step}_{index}_{n}.png"
-            if write_new_png(img, folder / name, info):
+            name = f"step_{step}_{index}{ext}" if n == 0 else f"step_{step}_{index}_{n}{ext}"
+            if len(frames) == 1:
+                written = write_new_png(frames[0], folder / name, info)
+            else:
+                written = create_exclusive(folder / name, lambda f: _write_webp(f, frames, step))
+            if written:
                 return f"{prefix}/{name}"
         raise FileExistsError(f"Preview Settings: no free file name for step {step} in {folder}")
 

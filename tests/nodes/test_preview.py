@@ -152,3 +152,45 @@ def test_the_run_previews_reach_the_graph_as_one_grid_per_step(glue, loras_dir, 
     torch.testing.assert_close(batch, images.float() / 255)
     with pytest.raises(ValueError, match="^loss: this LOSS_MAP holds no previews"):
         preview_mod.LoraLab_PreviewImages.execute({"loss": [1.0]})
+
+
+def test_a_video_model_previews_its_frames_from_the_latent_it_is_given(glue, loras_dir, output_dir):
+    """Preview Settings' latent input (a video model's empty latent, 3 latent frames): each preview is an
+    animated WEBP of those frames, the sampled latent keeps them, and the grid holds each video's first
+    frame."""
+    train_mod, preview_mod, families = glue
+    from training.config import TrainConfig
+
+    model = families.build_model("wan21_t2v")
+    latents, conditioning = families.make_data("wan21_t2v")
+    frames = latents["samples"].shape[2] if isinstance(latents, dict) else latents.shape[2]
+    empty = {"samples": torch.zeros(1, 16, 3, 8, 8)}
+    settings = preview_mod.PreviewSettings(positive=[conditioning[0]], negative=None, vae=None, every_n_steps=0,
+                                           seed=3, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple",
+                                           width=64, height=64, lora_strength=1.0, filename_prefix="loralab/video",
+                                           latent=empty)  # fmt: skip
+    made = []
+
+    class Spy(train_mod.Previewer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    train_mod.Previewer, real = Spy, train_mod.Previewer
+    try:
+        config = TrainConfig(steps=2, rank=RANK, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
+        loss_map: dict = {}
+        train_mod.train(model, [latents], [conditioning], config, "[None]", None, "loralab/pv/ck", preview=settings,
+                        loss_map=loss_map)  # fmt: skip
+    finally:
+        train_mod.Previewer = real
+    assert frames >= 1
+    files = sorted(p.name for p in (output_dir / "loralab" / "video").iterdir())
+    assert files == ["step_0_0.webp", "step_2_0.webp"], files
+    with Image.open(output_dir / "loralab" / "video" / "step_2_0.webp") as video:
+        assert video.n_frames == 3 and video.size == (8, 8)
+        video.seek(0)
+        first = np.asarray(video.convert("RGB"))
+    assert made[0].last[2].shape == (1, 16, 3, 8, 8)
+    assert loss_map["preview_step"] == [0, 2]
+    assert torch.equal(loss_map["preview_images"][1], torch.from_numpy(first.copy()))
