@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import ALGORITHM_NAMES, TrainConfig
+from training.config import ALGORITHM_NAMES, OPTIMIZER_NAMES, TrainConfig
 from training.factory import make_loss, make_optimizer
 
 
@@ -92,3 +92,17 @@ def test_algorithm_names_are_the_registry():
     from lora import ALGORITHMS
 
     assert ALGORITHM_NAMES == tuple(ALGORITHMS)
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZER_NAMES if n != "AdamW8bit"])  # AdamW8bit: CUDA only
+def test_every_optimizer_gets_the_runs_learning_rate_and_weight_decay(name):
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    group = make_optimizer(name, [param], 0.0123, 0.045).param_groups[0]
+    assert group["params"] == [param]
+    assert group["lr"] == 0.0123 and group["weight_decay"] == 0.045, group
+    if name in ("AdamW", "Adam", "SGD", "RMSprop"):  # one kernel launch per group, not per tensor
+        assert group["foreach"] is True
+    if name == "SGD":
+        assert group["momentum"] == 0.9
