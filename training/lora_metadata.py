@@ -69,7 +69,7 @@ def base_model_info(family: str | None) -> tuple[str, str]:
     return cleaned, cleaned
 
 
-_ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+_ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "dora": "DoRA"}
 # the trainer's target -> ModelSpec's prediction_type (other parameterisations: not written)
 _MODELSPEC_PREDICTION = {"eps": "epsilon", "v": "v", "flow": "flow"}
 

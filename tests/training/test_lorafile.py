@@ -535,6 +535,14 @@ def test_build_metadata_leaves_out_unknowns_and_adds_extra():
         ("Flux2", "flux2", "flux2"),
         ("Chroma", "chroma", "chroma"),
         ("Lumina2", "lumina-2", "lumina2"),
+        ("SD 1.5", "stable-diffusion-v1", "sd_v1"),
+        ("sdv1", "stable-diffusion-v1", "sd_v1"),
+        ("sdv2", "stable-diffusion-v2-512", "sd_v2"),
+        ("SD2-v", "stable-diffusion-v2-768-v", "sd_v2"),
+        ("SSD1B", "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+        ("flux.1-schnell", "flux-1-schnell", "flux1"),
+        ("flux1dev", "flux-1-dev", "flux1"),
+        ("ChromaRadiance", "chromaradiance", "chromaradiance"),
         ("Some Model!", "some-model", "some-model"),
         ("BaseModel", "unknown", "unknown"),
         (None, "unknown", "unknown"),
@@ -651,3 +659,33 @@ def test_lora_bytes_match_the_written_file(tmp_path):
     assert meta == sd.metadata and all(torch.equal(tensors[k], sd[k]) for k in sd)
     with pytest.raises(FileExistsError):
         lorafile.save_lora_bytes(data, path)
+
+
+def test_build_metadata_writes_every_key_readers_look_for():
+    """The whole set, for one LoKr run on SDXL: kohya's ss_* (A1111 / Forge, sd-scripts), ModelSpec 1.0.1,
+    LoRA Lab's own; values as strings the way those readers parse them."""
+    when = dt.datetime(2026, 12, 1, 13, 33, 14, 500, tzinfo=dt.timezone.utc)
+    md = build_metadata(steps=120, algorithm="LoKr", rank=16, alpha=8, seed=7, optimizer="AdamW", learning_rate=0.0001,
+                        loss=0.125, training_dtype="bf16", lora_dtype="fp32", model_family="SDXL", dataset_size=12,
+                        pack_version="9.9.9", resolution="1024x768", prediction_type="eps", date=when)  # fmt: skip
+    assert md == {
+        "loralab.algorithm": "lokr", "loralab.alpha": "8", "loralab.dataset_size": "12", "loralab.final_loss": "0.125",
+        "loralab.format_version": "1", "loralab.learning_rate": "0.0001", "loralab.lora_dtype": "fp32",
+        "loralab.model_family": "SDXL", "loralab.optimizer": "AdamW", "loralab.rank": "16", "loralab.seed": "7",
+        "loralab.steps": "120", "loralab.training_dtype": "bf16", "loralab.version": "9.9.9",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lokr", "modelspec.date": "2026-12-01T13:33:14+00:00",
+        "modelspec.implementation": "https://github.com/comfyanonymous/ComfyUI", "modelspec.prediction_type": "epsilon",
+        "modelspec.resolution": "1024x768", "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.title": "LoRA Lab LoKr 2026-12-01T13:33:14+00:00",
+        "ss_base_model_version": "sdxl_base_v1-0", "ss_learning_rate": "0.0001", "ss_max_train_steps": "120",
+        "ss_network_alpha": "8", "ss_network_args": '{"algo": "lokr"}', "ss_network_dim": "16",
+        "ss_network_module": "lycoris.kohya", "ss_network_train_unet_only": "True", "ss_num_train_images": "12",
+        "ss_optimizer": "AdamW", "ss_seed": "7", "ss_steps": "120",
+        "ss_training_finished_at": str(int(when.replace(microsecond=0).timestamp())), "ss_unet_lr": "0.0001",
+        "ss_v2": "False",
+    }  # fmt: skip
+    titles = {
+        a: build_metadata(steps=1, algorithm=a, date=when)["modelspec.title"].split()[2]
+        for a in ("OFT", "dora")
+    }
+    assert titles == {"OFT": "OFT", "dora": "DoRA"}
