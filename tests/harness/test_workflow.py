@@ -467,8 +467,9 @@ PACK_INFO = {
 }
 
 
-def test_example_workflow_is_a_frontend_graph():
-    wf = json.loads(EXAMPLE.read_text())
+@pytest.mark.parametrize("path", sorted(EXAMPLE.parent.glob("*.json")), ids=lambda p: p.stem)
+def test_example_workflow_is_a_frontend_graph(path):
+    wf = json.loads(path.read_text())
     assert wf["version"] == 0.4
     ids = {n["id"] for n in wf["nodes"]}
     assert wf["last_node_id"] == max(ids) and wf["last_link_id"] == max(lk[0] for lk in wf["links"])
