@@ -205,9 +205,8 @@ def train(
             if config.offload_blocks > 0
             else None
         )
-        frees = torch.device(patcher.offload_device) != torch.device(
-            device
-        )  # on a CPU offloading frees nothing
+        # on a CPU (offload device = load device) offloading frees nothing
+        frees = torch.device(patcher.offload_device) != torch.device(device)
         auto = config.offload_blocks == -1 and frees
         fit = _memory_fit(diffusion, predict, objective, adapters, samples, config, device, bool(in_place),
                           offload_bytes(blocks) if auto else ())  # fmt: skip
