@@ -63,3 +63,56 @@ def test_offloaded_blocks_train_the_same_adapter_through_comfy_casting(
     (a, la), (b, lb) = results[0], results[3]
     assert la == lb
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_offloads_the_blocks_the_plan_asks_for_when_the_run_would_not_fit(
+    glue, loras_dir, monkeypatch, caplog
+):
+    """offload_blocks -1 where offloading frees device memory (faked on CPU with an offload device of
+    another index) and the plan does not fit: the trainer offloads the plan's number of blocks, measures
+    again and trains, with the adapter a run without offloading trains."""
+    import logging
+
+    train_mod, families = glue
+    import comfy.ops
+
+    from training.config import TrainConfig
+    from training.gradient_checkpointing import repeated_blocks
+    from training.offload import castable_layers
+
+    real_fit = train_mod._memory_fit
+    calls = []
+
+    def tight_fit(*args, **kwargs):
+        fit = real_fit(*args, **kwargs)
+        calls.append(args[-1] if len(args) > 8 else kwargs.get("block_weights", ()))
+        if len(calls) == 1:  # the first measure: over budget, two blocks would do
+            fit.available, fit.offload_needed = 0, 2
+        return fit
+
+    casts = []
+    real_cast = comfy.ops.cast_bias_weight
+    monkeypatch.setattr(
+        comfy.ops, "cast_bias_weight", lambda s, *a, **k: casts.append(s) or real_cast(s, *a, **k)
+    )
+    config = TrainConfig(steps=2, rank=4, learning_rate=0.01, training_dtype="fp32", lora_dtype="fp32")
+    results = []
+    for auto in (False, True):
+        patcher = families.build_model("sd15")
+        latents, conditioning = families.make_data("sd15")
+        if auto:
+            patcher.offload_device = torch.device("cpu", 0)  # "another device" that is this CPU
+            monkeypatch.setattr(train_mod, "_memory_fit", tight_fit)
+        casts.clear()
+        with caplog.at_level(logging.INFO, logger="loralab"):
+            lora, _, _ = train_mod.train(
+                patcher, [latents], [conditioning], config, "[None]", None, "loralab/auto"
+            )
+        results.append(lora)
+    blocks = repeated_blocks(patcher.model.diffusion_model)
+    assert (
+        len(calls) == 2 and len(calls[0]) == len(blocks) and calls[1] == ()
+    )  # measured with block sizes, then again
+    assert {id(m) for b in blocks[:2] for m in castable_layers(b)} <= {id(m) for m in casts}
+    assert "the weights of 2 repeated blocks" in caplog.text
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
