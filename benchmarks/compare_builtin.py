@@ -7,7 +7,7 @@ latents after training (LoraLab_DenoiseLoss on the MODEL each node returns: fixe
 noise, identical for both). Then the ratios ours / built-in as medians.
 
     .venv/bin/python benchmarks/compare_builtin.py [--pairs 3] [--steps 60] [--dtypes fp32 bf16]
-        [--arch sd3|sd15mini|sd15|sdxl] [--depth N] [--size S] [--batch B]
+        [--arch sd3|sd15mini|sd15|sdxl] [--depth N] [--size S] [--batch B] [--algorithm LoRA|LoHa|LoKr|OFT]
 
 On a CUDA machine (ComfyUI then runs without --cpu) memory is the server process's GPU memory as
 nvidia-smi reports it (sampled every 50 ms), and the model FLOP utilisation is printed: MFU =
@@ -35,7 +35,7 @@ from harness.workflow import fill_required_defaults  # noqa: E402
 
 
 def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int, lr: float, model: str = MODEL_NAME,
-           evaluate: bool = True, batch: int = 1) -> dict:  # fmt: skip
+           evaluate: bool = True, batch: int = 1, algorithm: str = "LoRA") -> dict:  # fmt: skip
     """The training graph for `node` (`infos`: /object_info of it and of LoraModelLoader). Inputs a newer ComfyUI added to
     its built-in node (offloading, bucket_mode, ...) get that node's own defaults; where the built-in
     returns no MODEL (newer releases), stock LoraModelLoader applies its LORA_MODEL for evaluation."""
@@ -43,7 +43,7 @@ def prompt(node: str, infos: dict, steps: int, dtype: str, seed: int, rank: int,
         "model": ["1", 0], "latents": ["2", 0], "positive": ["2", 1],
         "batch_size": batch, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": lr, "rank": rank,
         "optimizer": "AdamW", "loss_function": "MSE", "seed": seed, "training_dtype": dtype, "lora_dtype": dtype,
-        "algorithm": "LoRA", "gradient_checkpointing": True, "existing_lora": "[None]",
+        "algorithm": algorithm, "gradient_checkpointing": True, "existing_lora": "[None]",
     }  # fmt: skip
     outputs = list(infos[node]["output"])
     graph = {
@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--depth", type=int, default=2, help="SD3/MMDiT depth (2 = the tiny default; 4, 8 ...)")
     ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px)")
+    ap.add_argument("--algorithm", default="LoRA", help="LoRA, LoHa, LoKr or OFT (what both nodes offer)")
     args = ap.parse_args()
     nodes = {"ours": "LoraLab_TrainLoraNode", "built-in": "TrainLoraNode"}
     gpu = gpu_name()
@@ -313,7 +314,8 @@ def main() -> None:
                     with ComfyServer(base) as server, sampler(server.pid) as rss:
                         client = server.client()
                         infos = {n: client.object_info(n)[n] for n in (node, "LoraModelLoader")}
-                        kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model, batch=args.batch)
+                        kw = dict(dtype=dtype, rank=args.rank, lr=args.lr, model=model, batch=args.batch,
+                                  algorithm=args.algorithm)  # fmt: skip
                         run_one(
                             client, node, infos, rss, steps=4, seed=999, evaluate=False, **kw
                         )  # warm-up: model load, first calls
@@ -327,7 +329,7 @@ def main() -> None:
                         f"denoise loss {r['denoise_loss']:.4f}",
                         flush=True,
                     )
-            print(f"\n{model}, {max(4, args.batch)} latents {args.size}x{args.size}, {dtype}, rank {args.rank}, "
+            print(f"\n{model}, {max(4, args.batch)} latents {args.size}x{args.size}, {dtype}, {args.algorithm} rank {args.rank}, "
                   f"batch {args.batch}, AdamW, lr {args.lr}, {args.steps} steps, gradient checkpointing on, "
                   f"{args.pairs} pairs (medians)")  # fmt: skip
             print(f"{'':10s}{'steps/s':>10s}{memory:>14s}{'in training':>13s}{'denoise loss':>14s}{'TFLOP/s':>9s}"
