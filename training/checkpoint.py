@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from .file_names import next_free_path, step_count
 from .lorafile import SIDECAR_SUFFIXES, lora_file_bytes, save_lora_bytes
-from .safe_write import fsync_dir, publish, write_atomically, write_error_cause
+from .safe_write import fsync_dir, fsync_file, publish, write_atomically, write_error_cause
 
 STATE_SUFFIX = SIDECAR_SUFFIXES[0]
 FORMAT = "loralab.trainstate.v2"  # v2: carries lora_sha256 (v1 files are not bound and are ignored)
@@ -105,11 +105,7 @@ def _state_payload(
 def _write_state_file(tmp: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write the sidecar's bytes to ``tmp`` and fsync them."""
     save_file(tensors, str(tmp), metadata=metadata)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
 
 
 def save_training_state(

@@ -17,9 +17,19 @@ __all__ = [
     "create_exclusive",
     "publish",
     "copy_exclusive",
+    "fsync_file",
     "fsync_dir",
     "write_error_cause",
 ]
+
+
+def fsync_file(path: Path) -> None:
+    """Make a written file's bytes durable before it is published under its name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -103,11 +113,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool,
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             publish(tmp, path, overwrite)
         except FileExistsError:
             raise FileExistsError(
