@@ -44,7 +44,10 @@ class OFTModule(AdapterModule):
         self._check_ndim(_BLOCKS, blocks, 3, "(blocks, size, size) with blocks · size = out")
         size = blocks.shape[1]
         if size < 1 or out_features % size:
-            self._check_shape(_BLOCKS, blocks, (out_features, 1, 1))  # raises, naming the shapes
+            raise ValueError(
+                f"{self.algorithm}: key {_BLOCKS!r} has shape {tuple(blocks.shape)}: its block size {size} does not "
+                f"divide the output size {out_features} of weight_shape {self.weight_shape}"
+            )
         self._check_shape(_BLOCKS, blocks, (out_features // size, size, size))
         self.blocks = self._new_param(blocks, dtype, device)
         return size, True

@@ -163,6 +163,8 @@ def test_oft_layout_and_constraint():
     assert adapter.alpha == 0.0  # no constraint unless asked
     with pytest.raises(ValueError, match=r"'oft_blocks' has shape \(2, 5, 5\)"):
         OFTModule.from_adapter_state_dict({"oft_blocks": torch.zeros(2, 5, 5)}, (12, 5))
+    with pytest.raises(ValueError, match=r"'oft_blocks' has shape \(2, 4, 4\), expected \(3, 4, 4\)"):
+        OFTModule.from_adapter_state_dict({"oft_blocks": torch.zeros(2, 4, 4)}, (12, 5))
     # A constraint caps ‖Q‖: a large Q and a capped one rotate alike.
     big = OFTModule((8, 4), 4, 0.1)
     with torch.no_grad():
