@@ -429,9 +429,8 @@ def to_peft_names(
             up = (up.float() * (alpha / rank)).to(up.dtype)
         parts = names.get(path) or [(prefix + path, None)]
         for i, (name, rows) in enumerate(parts):
-            out[f"{name}.lora_A.weight"] = (
-                down if i == 0 else down.clone()
-            )  # safetensors refuses shared storage
+            # safetensors refuses tensors that share storage: every part past the first gets a copy of A
+            out[f"{name}.lora_A.weight"] = down if i == 0 else down.clone()
             out[f"{name}.lora_B.weight"] = (up if rows is None else up[rows[0] : rows[1]]).contiguous()
             component, _, module = name.partition(".")
             if component in ("unet", "transformer"):

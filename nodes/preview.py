@@ -64,9 +64,8 @@ class PreviewSettings:
     height: int
     lora_strength: float
     filename_prefix: str
-    latent: dict | None = (
-        None  # the empty latent to sample (a video model's, with frames); None: width x height
-    )
+    # the empty latent to sample (a video model's, with frames); None: width x height
+    latent: dict | None = None
 
 
 class LoraLab_PreviewSettings(io.ComfyNode):

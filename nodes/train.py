@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..lora import detect_algorithm, get_algorithm
+from ..lora import ALGORITHMS, detect_algorithm, get_algorithm
 from ..lora.inject import (
     AdapterSet,
     find_targets,
@@ -160,14 +160,12 @@ def train(
     loss_map (the LOSS_MAP beside "loss") gets {"validation_loss": [...], "validation_step": [...]} and
     {"preview_step": [...], "preview_images": uint8 [steps, H, W, 3]}, one grid per preview step."""
     loras_folder = loras_root()
-    prefix_location(
-        loras_folder, checkpoint_prefix, "checkpoint_prefix"
-    )  # a bad prefix fails before any training work
+    # a bad prefix fails before any training work
+    prefix_location(loras_folder, checkpoint_prefix, "checkpoint_prefix")
     patcher = model.clone()
-    with (
-        cm.training_mode(),
-        contextlib.ExitStack() as cleanup,
-    ):  # tensors read here must be normal ones: autograd and optimizer use them
+    # training_mode: tensors read here must be normal ones, as autograd and the optimizer use them;
+    # cleanup: what the run changes on the shared model (offloaded weights) is put back however it ends
+    with cm.training_mode(), contextlib.ExitStack() as cleanup:
         family = type(patcher.model.model_config).__name__
         keys = lora_keys.key_targets(patcher)  # ComfyUI's LoRA key map, read once
         key_names = lora_keys.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
@@ -257,9 +255,8 @@ def train(
             away = (previewer.seconds - outside if previewer is not None else 0.0) + (
                 validator.seconds if validator else 0.0
             )
-            info = dataclasses.replace(
-                info, elapsed=info.elapsed - away
-            )  # previews / validation are not training time
+            # previews / validation are not training time
+            info = dataclasses.replace(info, elapsed=info.elapsed - away)
             bar.update(info, validator.take_unsent() if validator is not None else None)
             if previewer is not None and previewer.due(step, total_steps):
                 preview_at(step, info.loss, running=True)
@@ -528,7 +525,7 @@ class _Start:
             raise ValueError(f"existing_lora: {e}") from e
         if found is None:
             raise ValueError(
-                f"existing_lora: {name!r} holds no LoRA, LoHa or LoKr weights; pick another file or [None]"
+                f"existing_lora: {name!r} holds no {', '.join(ALGORITHMS)} weights; pick another file or [None]"
             )
         if found != config.algorithm:
             raise ValueError(f"existing_lora: {name!r} is a {found} file but algorithm is {config.algorithm}; "

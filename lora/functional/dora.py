@@ -27,7 +27,7 @@ def dora_column_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def dora_input_scale(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """c ``[1, in, 1, ...]`` = m / (‖W + ΔW‖ + eps), float32 or magnitude's dtype if wider.
+    """c ``[1, in, 1, ...]`` = m / (‖W + ΔW‖ + eps), in float32.
 
     The norm is a constant for backward (the DoRA paper's section 4.3, as peft does): gradients reach
     m directly and ΔW through the scaled input, and no full-size weight is kept for backward."""
