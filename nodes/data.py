@@ -12,7 +12,8 @@ from comfy_api.latest import io
 from safetensors.torch import load_file
 
 from ..training.loop import evaluate_denoise_loss
-from . import comfy_model as cm
+from .graph_inputs import build_samples
+from .model_forward import make_predict_x0, objective_for
 
 
 def _input_root() -> str:
@@ -157,8 +158,8 @@ class DenoiseLoss(io.ComfyNode):
         comfy.model_management.load_models_gpu([patcher])
         device = patcher.load_device
         with torch.inference_mode(False):
-            samples = cm.build_samples(patcher, latents, positive, device)
+            samples = build_samples(patcher, latents, positive, device)
             value = evaluate_denoise_loss(
-                cm.make_predict_x0(patcher), cm.objective_for(patcher), samples, device, seed, levels
+                make_predict_x0(patcher), objective_for(patcher), samples, device, seed, levels
             )
         return io.NodeOutput(value, ui={"text": [f"{value:.6f}"], "loss": [value]})

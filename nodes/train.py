@@ -55,12 +55,15 @@ from ..training.memory_plan import (
     profile_activations,
 )
 from ..training.offload import BlockOffload, offload_bytes
-from . import comfy_model as cm
 from . import lora_keys
+from .attention import use_fast_attention
 from .events import send_progress
 from .files import loras_root
+from .graph_inputs import build_samples, pixel_resolution
+from .model_forward import in_place_writes, make_predict_x0, objective_for, prediction_type
 from .options import OPTIONS_TYPE, TrainingOptionsValue, widget
 from .preview import Previewer, PreviewSettings, grid_batch
+from .trainable import compute_dtype, materialize_inference_tensors, set_compute_dtype, training_mode
 from .validation import ValidationSettings, Validator
 
 log = logging.getLogger("loralab")
@@ -165,7 +168,7 @@ def train(
     patcher = model.clone()
     # training_mode: tensors read here must be normal ones, as autograd and the optimizer use them;
     # cleanup: what the run changes on the shared model (offloaded weights) is put back however it ends
-    with cm.training_mode(), contextlib.ExitStack() as cleanup:
+    with training_mode(), contextlib.ExitStack() as cleanup:
         family = type(patcher.model.model_config).__name__
         keys = lora_keys.key_targets(patcher)  # ComfyUI's LoRA key map, read once
         key_names = lora_keys.lora_key_names(patcher, keys)  # every LoRA naming ComfyUI maps onto this model
@@ -190,13 +193,13 @@ def train(
             patcher = comfy.sd.load_lora_for_models(patcher, None, carried, 1.0, 0)[0]
         _prepare_clone(patcher, config, device)
         adapters.init_from_base(diffusion)  # DoRA's magnitude, from the weights as loaded (patches applied)
-        samples = cm.build_samples(patcher, latents, positive, device)
-        in_place = cm.in_place_writes(patcher, samples[0], device)
+        samples = build_samples(patcher, latents, positive, device)
+        in_place = in_place_writes(patcher, samples[0], device)
         if in_place:
             log.warning("LoRA Lab: this %s model's code writes in place into tensors it already used (%s); "
                         "training keeps copies of what backward needs%s", family,
                         in_place, ", without gradient checkpointing" if config.gradient_checkpointing else "")  # fmt: skip
-        predict, objective = cm.make_predict_x0(patcher), cm.objective_for(patcher, config)
+        predict, objective = make_predict_x0(patcher), objective_for(patcher, config)
         blocks = repeated_blocks(diffusion)
         offload = (
             _offload(blocks[: config.offload_blocks], patcher, config, cleanup)
@@ -225,8 +228,8 @@ def train(
                          loras_folder, checkpoint_prefix,
                          {"kohya": lora_keys.kohya_names(patcher, targets, key_names),
                           "diffusers": lora_keys.diffusers_names(patcher, targets, keys)},
-                         {"prediction_type": cm.prediction_type(patcher.get_model_object("model_sampling")),
-                          "resolution": cm.pixel_resolution(patcher, samples)})  # fmt: skip
+                         {"prediction_type": prediction_type(patcher.get_model_object("model_sampling")),
+                          "resolution": pixel_resolution(patcher, samples)})  # fmt: skip
         bar = _Progress(config.steps, node_id, {**fit.plan.as_dict(), "available": fit.available})
         total_steps = start.step + config.steps
         previewer = Previewer(preview, model, node_id, prompt, show=bar.show) if preview is not None else None
@@ -244,7 +247,7 @@ def train(
         outside = previewer.seconds if previewer is not None else 0.0
         validator = None
         if validation is not None:
-            held_out = cm.build_samples(patcher, [validation.latents], [validation.positive], device)
+            held_out = build_samples(patcher, [validation.latents], [validation.positive], device)
             validator = Validator(validation, lambda: evaluate_denoise_loss(predict, objective, held_out, device,
                                                                             validation.seed, validation.levels))  # fmt: skip
 
@@ -295,7 +298,7 @@ def train(
         loss_map.update(validation_loss=list(validator.losses), validation_step=list(validator.steps))
     # the last step's previews, where the loop did not get to it
     if previewer is not None and previewer.due(total, total):
-        with cm.training_mode():
+        with training_mode():
             preview_at(total, result.losses[-1], running=False)
     if previewer is not None and loss_map is not None and previewer.grids:
         steps = sorted(previewer.grids)
@@ -440,13 +443,13 @@ def _load(patcher) -> None:
     """The training clone loaded on its device with autograd-ready weights: at the start, and again
     after another clone of its model (a preview's) was loaded."""
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    cm.materialize_inference_tensors(patcher.model)
+    materialize_inference_tensors(patcher.model)
 
 
 def _prepare_clone(patcher, config: TrainConfig, device: torch.device) -> None:
     """The training clone's compute dtype and attention, loaded on the device with autograd-ready weights."""
-    cm.set_compute_dtype(patcher, cm.compute_dtype(config.training_dtype, device))
-    replaced = cm.use_fast_attention(patcher)
+    set_compute_dtype(patcher, compute_dtype(config.training_dtype, device))
+    replaced = use_fast_attention(patcher)
     if replaced:
         log.info("LoRA Lab: training attention runs on PyTorch SDPA instead of ComfyUI's %s", replaced)
     _load(patcher)

@@ -48,9 +48,27 @@ def comfy_glue():
 
 
 @pytest.fixture(scope="session")
-def cm(comfy_glue):
-    """The pack's ComfyUI glue, ``nodes/comfy_model.py``."""
-    return comfy_glue("comfy_model")
+def graph_inputs(comfy_glue):
+    """``nodes/graph_inputs.py``: LATENT and CONDITIONING into training samples."""
+    return comfy_glue("graph_inputs")
+
+
+@pytest.fixture(scope="session")
+def model_forward(comfy_glue):
+    """``nodes/model_forward.py``: the objective and the x0 prediction of a ComfyUI model."""
+    return comfy_glue("model_forward")
+
+
+@pytest.fixture(scope="session")
+def trainable(comfy_glue):
+    """``nodes/trainable.py``: grad mode, inference tensors, dtype, differentiable kernels."""
+    return comfy_glue("trainable")
+
+
+@pytest.fixture(scope="session")
+def fast_attention(comfy_glue):
+    """``nodes/attention.py``: the SDPA override of ComfyUI's slow attention."""
+    return comfy_glue("attention")
 
 
 @pytest.fixture(scope="session")

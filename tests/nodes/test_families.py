@@ -23,6 +23,11 @@ from training.gradient_checkpointing import InPlaceError, gradient_checkpointing
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def glue(graph_inputs, model_forward, trainable):
+    return graph_inputs, model_forward, trainable
+
+
 def _build(families, name):
     if not families.available(name):
         pytest.skip(f"this ComfyUI has no {FAMILIES[name].model_class} model class")
@@ -30,15 +35,19 @@ def _build(families, name):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_objective_is_the_familys_own_target(cm, families, name):
+def test_objective_is_the_familys_own_target(glue, families, name):
+    _, model_forward, _ = glue
     patcher = _build(families, name)
-    assert cm.prediction_type(patcher.get_model_object("model_sampling")) == FAMILIES[name].prediction
+    assert (
+        model_forward.prediction_type(patcher.get_model_object("model_sampling")) == FAMILIES[name].prediction
+    )
 
 
-def _setup(cm, families, name):
+def _setup(glue, families, name):
+    graph_inputs, model_forward, _ = glue
     patcher = families.build_model(name)
     latents, conditioning = families.make_data(name, count=1)
-    samples = cm.build_samples(patcher, [latents], [conditioning], CPU)
+    samples = graph_inputs.build_samples(patcher, [latents], [conditioning], CPU)
     net = patcher.model.diffusion_model
     adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -46,13 +55,14 @@ def _setup(cm, families, name):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     x0 = samples[0].latent[None]
     x_t = x0 + 0.6 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    predict = cm.make_predict_x0(patcher)
+    predict = model_forward.make_predict_x0(patcher)
     return patcher, net, adapters, (lambda: predict(x_t, torch.tensor([0.6]), samples[0].cond)), samples
 
 
-def _grads_and_saved_bytes(cm, families, name, checkpointing: bool, cow: bool = False):
-    with cm.training_mode():
-        patcher, net, adapters, forward, _ = _setup(cm, families, name)
+def _grads_and_saved_bytes(glue, families, name, checkpointing: bool, cow: bool = False):
+    _, _, trainable = glue
+    with trainable.training_mode():
+        patcher, net, adapters, forward, _ = _setup(glue, families, name)
         saved = [0]
 
         def pack(t):
@@ -79,25 +89,27 @@ def _grads_and_saved_bytes(cm, families, name, checkpointing: bool, cow: bool = 
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_in_place_writes_are_found_only_where_the_model_code_makes_them(cm, families, name):
+def test_in_place_writes_are_found_only_where_the_model_code_makes_them(glue, families, name):
+    _, model_forward, trainable = glue
     _build(families, name)
-    with cm.training_mode():
-        patcher, _, _, _, samples = _setup(cm, families, name)
-        found = cm.in_place_writes(patcher, samples[0], CPU)
+    with trainable.training_mode():
+        patcher, _, _, _, samples = _setup(glue, families, name)
+        found = model_forward.in_place_writes(patcher, samples[0], CPU)
     assert bool(found) == FAMILIES[name].in_place_writes, found
 
 
 @pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.in_place_writes])
-def test_copy_on_write_gives_the_true_gradient_of_in_place_model_code(cm, families, name):
+def test_copy_on_write_gives_the_true_gradient_of_in_place_model_code(glue, families, name):
     """Checked against a central finite difference along a random direction of the adapter weights."""
+    _, _, trainable = glue
     _build(families, name)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        _grads_and_saved_bytes(cm, families, name, False)
+        _grads_and_saved_bytes(glue, families, name, False)
     with pytest.raises(InPlaceError, match="set gradient_checkpointing off"):  # never silently wrong
-        _grads_and_saved_bytes(cm, families, name, True)
-    grads, _, _ = _grads_and_saved_bytes(cm, families, name, False, cow=True)
-    with cm.training_mode():
-        _, net, adapters, forward, _ = _setup(cm, families, name)
+        _grads_and_saved_bytes(glue, families, name, True)
+    grads, _, _ = _grads_and_saved_bytes(glue, families, name, False, cow=True)
+    with trainable.training_mode():
+        _, net, adapters, forward, _ = _setup(glue, families, name)
         params = list(adapters.trainable_parameters())
         direction = [
             torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)
@@ -120,10 +132,10 @@ def test_copy_on_write_gives_the_true_gradient_of_in_place_model_code(cm, famili
 
 
 @pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if not f.in_place_writes])
-def test_checkpointing_wraps_the_blocks_with_equal_gradients_and_less_saved_memory(cm, families, name):
+def test_checkpointing_wraps_the_blocks_with_equal_gradients_and_less_saved_memory(glue, families, name):
     _build(families, name)
-    plain, plain_bytes, _ = _grads_and_saved_bytes(cm, families, name, False)
-    ckpt, ckpt_bytes, patched = _grads_and_saved_bytes(cm, families, name, True)
+    plain, plain_bytes, _ = _grads_and_saved_bytes(glue, families, name, False)
+    ckpt, ckpt_bytes, patched = _grads_and_saved_bytes(glue, families, name, True)
     assert patched >= 2, f"{name}: {patched} repeated blocks found"
     for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

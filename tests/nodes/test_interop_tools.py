@@ -25,14 +25,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
-    return comfy_glue("train"), comfy_glue("files"), cm, families
+def glue(comfy_glue, families):
+    return comfy_glue("train"), comfy_glue("files"), families
 
 
 def _lora(glue, family: str, algorithm: str = "LoRA", steps: int = 2):
     """A trained LoRA of the family's tiny model (all layers), its factors then replaced by random
     values so its effect is large (alpha and the trainer's file names kept)."""
-    train_mod, _, _, families = glue
+    train_mod, _, families = glue
     from training.config import TrainConfig
 
     patcher = families.build_model(family)
@@ -49,7 +49,7 @@ def _lora(glue, family: str, algorithm: str = "LoRA", steps: int = 2):
 
 def _save(glue, lora, key_format: str, loras_dir):
     """Through the Save LoRA node; returns (path, tensors, metadata) of the file."""
-    _, files, _, _ = glue
+    _, files, _ = glue
     from training.lorafile import read_lora_file
 
     name = files.LoraLab_SaveLora.execute(lora, f"interop/{key_format}", None, key_format).result[0]
@@ -104,7 +104,7 @@ def _diffusers_apply(family, unet, path) -> None:
 
 
 def test_twins_compute_what_comfyui_computes(glue):
-    _, _, _, families = glue
+    _, _, families = glue
     for family in ("sd15", "sdxl"):
         patcher = families.build_model(family)
         inputs = twins.make_inputs(family)
@@ -125,7 +125,7 @@ def test_pack_flux_diffusers_file_in_diffusers_equals_comfyui(glue, loras_dir):
     key_format = "diffusers"
     import diffusers.loaders.lora_pipeline as lp
 
-    train_mod, _, _, families = glue
+    train_mod, _, families = glue
     from training.config import TrainConfig
 
     patcher = families.build_model("flux_dev")
@@ -217,7 +217,7 @@ def _lycoris_kohya(path, unet, monkeypatch):
 def _continue(glue, patcher, name: str, algorithm: str = "LoRA"):
     """One step at the smallest learning rate from an existing file (AdamW's first step moves each
     factor by ~1e-7: the function stays the file's)."""
-    train_mod, _, _, families = glue
+    train_mod, _, families = glue
     from training.config import TrainConfig
 
     latents, conditioning = families.make_data("sd15")
@@ -235,7 +235,7 @@ def test_peft_file_continues_and_applies_in_comfyui_and_diffusers(glue, loras_di
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    _, _, _, families = glue
+    _, _, families = glue
     patcher = families.build_model("sd15")
     inputs = twins.make_inputs("sd15")
     unet = twins.diffusers_unet(patcher, "sd15")
@@ -273,7 +273,7 @@ def test_lycoris_file_continues_and_applies_in_comfyui_and_lycoris(glue, loras_d
     output."""
     from lycoris import create_lycoris
 
-    _, _, _, families = glue
+    _, _, families = glue
     patcher = families.build_model("sd15")
     inputs = twins.make_inputs("sd15")
     unet = twins.diffusers_unet(patcher, "sd15")
@@ -310,7 +310,7 @@ def test_save_lora_with_model_converts_a_loaded_file_for_other_tools(
     """Load LoRA file (a file in ComfyUI's own names) -> Save LoRA with the model connected: the kohya
     file loads in LyCORIS' kohya loader and the diffusers file in diffusers, each with every layer and
     the output the original file gives in ComfyUI. Without the model, kohya keeps ComfyUI's LDM names."""
-    _, files, _, _ = glue
+    _, files, _ = glue
     patcher, lora = _lora(glue, "sd15")
     path, _, _ = _save(glue, lora, "comfyui", loras_dir)
     loaded = files.LoraLab_LoadLora.execute(path.relative_to(loras_dir).as_posix()).result[0]

@@ -10,8 +10,8 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
-    return comfy_glue("train"), cm, families
+def glue(comfy_glue, families):
+    return comfy_glue("train"), families
 
 
 def test_a_run_over_the_memory_budget_is_refused_before_it_starts_naming_what_fits(
@@ -19,7 +19,7 @@ def test_a_run_over_the_memory_budget_is_refused_before_it_starts_naming_what_fi
 ):
     """LORALAB_TRAINING_MEMORY_MIB below the plan: MemoryError before the first step with the plan's
     figures and the changes that fit; the model is unchanged and no file is written."""
-    train_mod, _, families = glue
+    train_mod, families = glue
     from training.config import TrainConfig
 
     patcher = families.build_model("sd15")

@@ -10,7 +10,7 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
+def glue(comfy_glue, families):
     return comfy_glue("train"), families
 
 

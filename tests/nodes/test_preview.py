@@ -13,7 +13,7 @@ RANK = 4
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
+def glue(comfy_glue, families):
     return comfy_glue("train"), comfy_glue("preview"), families
 
 

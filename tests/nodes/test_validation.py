@@ -11,8 +11,8 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def glue(comfy_glue, cm, families):
-    return comfy_glue("train"), comfy_glue("validation"), cm, families
+def glue(comfy_glue, families):
+    return comfy_glue("train"), comfy_glue("validation"), comfy_glue, families
 
 
 def _train(glue, validation, steps=4):
@@ -34,11 +34,12 @@ def _denoise_loss(glue, patcher, settings) -> float:
 
     from training.loop import evaluate_denoise_loss
 
-    _, _, cm, _ = glue
+    _, _, comfy_glue, _ = glue
+    graph_inputs, model_forward = comfy_glue("graph_inputs"), comfy_glue("model_forward")
     comfy.model_management.load_models_gpu([patcher])
     device = patcher.load_device
-    samples = cm.build_samples(patcher, [settings.latents], [settings.positive], device)
-    return evaluate_denoise_loss(cm.make_predict_x0(patcher), cm.objective_for(patcher), samples, device,
+    samples = graph_inputs.build_samples(patcher, [settings.latents], [settings.positive], device)
+    return evaluate_denoise_loss(model_forward.make_predict_x0(patcher), model_forward.objective_for(patcher), samples, device,
                                  settings.seed, settings.levels)  # fmt: skip
 
 
