@@ -206,3 +206,53 @@ def test_series_keeps_the_newest_of_this_run_only(tmp_path):
     keep_all = CheckpointSeries(keep=0)
     for lora, state in written[-2:]:
         assert keep_all.add(lora, state) == []
+
+
+def test_failure_messages_keep_the_cause_and_name_the_input(tmp_path, monkeypatch):
+    """The errno of the cause stays on the raised error; a cause without one is said in its own words;
+    the advice names the input (the first word of `what`); free space is said in MiB."""
+    real = ck.shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    with pytest.raises(OSError, match=r"has 0\.1 MiB free"):
+        _write(tmp_path / "full")
+    monkeypatch.undo()
+
+    for cause, errno_, reason in [(OSError(errno.EIO, "Input/output error"), errno.EIO, "Input/output error"),
+                                  (OSError("the disk went away"), None, "the disk went away")]:  # fmt: skip
+
+        def failing(tmp, path, overwrite, cause=cause):
+            raise cause
+
+        monkeypatch.setattr(ck, "publish", failing)
+        with pytest.raises(OSError) as info:
+            _write(tmp_path / "io")
+        assert info.value.errno == errno_
+        message = str(info.value)
+        assert f": {reason}; check that the folder is writable" in message, message
+        assert message.endswith("or choose another checkpoint_prefix"), message
+
+
+def test_clean_up_that_fails_does_not_hide_the_error(tmp_path, monkeypatch):
+    """On a disk that refuses unlink too, the write's own error reaches the user."""
+
+    def failing(tmp, path, overwrite):
+        raise OSError(errno.EIO, "Input/output error")
+
+    def no_unlink(self, missing_ok=False):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(ck, "publish", failing)
+    monkeypatch.setattr(Path, "unlink", no_unlink)
+    with pytest.raises(OSError) as info:
+        _write(tmp_path)
+    assert info.value.errno == errno.EIO
+
+
+def test_series_skips_files_the_user_already_deleted(tmp_path):
+    series = CheckpointSeries(keep=1)
+    first = _write(tmp_path, step=1)
+    second = _write(tmp_path, step=2)
+    assert series.add(*first) == []
+    first[0].unlink()  # the user removed the old LoRA by hand
+    assert series.add(*second) == [first[1]]
+    assert not first[1].exists() and second[0].exists() and second[1].exists()

@@ -43,11 +43,6 @@ print(json.dumps(out))
 """
 
 
-def test_disabled_is_a_no_op():
-    with retained_heap(False) as applied:
-        assert applied is False
-
-
 @pytest.mark.skipif(_glibc() is None, reason="mallopt / malloc_trim are glibc extensions")
 def test_freed_memory_stays_inside_and_goes_back_to_the_kernel_on_exit():
     run = subprocess.run(
@@ -63,3 +58,85 @@ def test_freed_memory_stays_inside_and_goes_back_to_the_kernel_on_exit():
         rss
     )  # kept for the next step: touching it again costs no faults
     assert rss["retained"] - rss["after"] > 200, rss  # handed back on exit
+
+
+class _RecordingLibc:
+    """Stands in for glibc: records mallopt / malloc_trim calls; mallopt answers `answer`."""
+
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return self.answer
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.mark.parametrize("answer", [1, 0])
+def test_settings_inside_and_after_the_block(monkeypatch, answer):
+    """The exact glibc calls: inside, blocks up to 32 MiB from the heap and a 1 GiB trim threshold;
+    on exit (also when mallopt refused, answer 0), 64 / 32 MiB thresholds and a full trim."""
+    import training.cpu_heap as cpu_heap
+
+    libc = _RecordingLibc(answer)
+    monkeypatch.setattr(cpu_heap, "_glibc", lambda: libc)
+    mmap, trim = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD in glibc's <malloc.h>
+    with retained_heap() as applied:
+        assert applied is bool(answer)
+        inside = list(libc.calls)
+    expected_inside = [("mallopt", mmap, 32 << 20), ("mallopt", trim, 1 << 30)][: 2 if answer else 1]
+    assert inside == expected_inside
+    assert libc.calls[len(inside) :] == [
+        ("mallopt", trim, 64 << 20),
+        ("mallopt", mmap, 32 << 20),
+        ("malloc_trim", 0),
+    ]
+
+
+def test_the_block_restores_the_heap_when_the_step_fails(monkeypatch):
+    import training.cpu_heap as cpu_heap
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(cpu_heap, "_glibc", lambda: libc)
+    with pytest.raises(RuntimeError, match="boom"), retained_heap():
+        raise RuntimeError("boom")
+    assert libc.calls[-1] == ("malloc_trim", 0)
+
+
+def test_disabled_never_touches_the_c_library(monkeypatch):
+    import training.cpu_heap as cpu_heap
+
+    monkeypatch.setattr(cpu_heap, "_glibc", lambda: pytest.fail("_glibc called while disabled"))
+    with retained_heap(False) as applied:
+        assert applied is False
+
+
+@pytest.mark.skipif(_glibc() is None, reason="mallopt / malloc_trim are glibc extensions")
+def test_glibc_is_found_with_typed_arguments():
+    import ctypes
+
+    libc = _glibc()
+    assert libc.mallopt.argtypes == [ctypes.c_int, ctypes.c_int]
+    assert libc.malloc_trim.argtypes == [ctypes.c_size_t]
+
+
+def test_a_c_library_without_the_glibc_extensions_is_not_used(monkeypatch):
+    import ctypes
+
+    import training.cpu_heap as cpu_heap
+
+    class Musl:
+        def mallopt(self, *a):  # no gnu_get_libc_version, no malloc_trim
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Musl())
+    assert cpu_heap._glibc() is None
+
+    def no_libc(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert cpu_heap._glibc() is None

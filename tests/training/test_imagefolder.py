@@ -281,3 +281,27 @@ def test_only_the_four_formats_are_decoded(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png", format="TIFF")  # a TIFF named .png
     with pytest.raises(ValueError, match="not a PNG, JPEG, WebP or BMP image"):
         load_image_tensor(tmp_path / "x.png", 64)
+
+
+def test_resolve_folder_edges(tmp_path):
+    """A bare drive letter is absolute; '..' is refused by name even where it would stay inside;
+    spaces belong to the name."""
+    with pytest.raises(ValueError, match="absolute path"):
+        resolve_folder(tmp_path, "C:")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match=r"contains '\.\.'"):
+        resolve_folder(tmp_path, "a/../a")
+    assert resolve_folder(tmp_path, " my images/set 1 ") == tmp_path.resolve() / "my images" / "set 1"
+
+
+def test_load_folder_defaults_read_txt_captions_and_name_the_folder_input(tmp_path):
+    from training.imagefolder import load_folder
+
+    _img(tmp_path / "a.png", 64, 64)
+    (tmp_path / "a.txt").write_text("a red cube")
+    _img(tmp_path / "b.png", 64, 64)  # no caption: the default, empty
+    images, captions = load_folder(tmp_path, 64)
+    assert captions == ["a red cube", ""] and [tuple(i.shape) for i in images] == [(1, 64, 64, 3)] * 2
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="^folder: image 'c.png'"):
+        load_folder(tmp_path, 64)

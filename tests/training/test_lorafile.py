@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -689,3 +690,25 @@ def test_build_metadata_writes_every_key_readers_look_for():
         for a in ("OFT", "dora")
     }
     assert titles == {"OFT": "OFT", "dora": "DoRA"}
+
+
+def test_build_metadata_defaults_dates_and_titles(monkeypatch):
+    """No algorithm means LoRA; a naive date is local time and gets its offset; "now" is taken in UTC
+    whatever the machine's time zone; the title names the algorithm (an unlisted LyCORIS name as it
+    is); no family writes no family and no ss_v2 (A1111 would otherwise read "not SD2")."""
+    import time
+
+    md = build_metadata(steps=1, algorithm=None, date=dt.datetime(2025, 3, 1, 12, 30, 5))
+    assert md["loralab.algorithm"] == "lora" and md["ss_network_module"] == "networks.lora"
+    assert md["modelspec.title"].startswith("LoRA Lab LoRA ")
+    assert re.search(r"T12:30:05[+-]\d\d:\d\d$", md["modelspec.date"]), md["modelspec.date"]
+    assert "loralab.model_family" not in md and "ss_v2" not in md
+    assert build_metadata(steps=1, algorithm="glora")["modelspec.title"].startswith("LoRA Lab glora ")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        now = build_metadata(steps=1)["modelspec.date"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert now.endswith("+00:00"), now

@@ -147,6 +147,55 @@ def test_offloading_is_suggested_with_the_fewest_blocks_that_fit():
     assert offloaded_weights([4, 9, 2]) == 6 and offloaded_weights([]) == 0
 
 
+def test_fit_edges_each_change_exactly_and_nothing_unasked():
+    """Edges are inclusive (a change that leaves 0 bytes short fits), no change is credited memory it
+    does not free, and the plan carries the caller's weights, optimizer and where. SGD keeps one value
+    per parameter: added = 400 + 400 + 400 + activations (3 x 14_001 = 42_003; bf16 halves it to
+    21_001, whole bytes); checkpointed: 3 x (2001 + 200 + 6000) = 24_603; batch 2: 28_002."""
+    profile = ActivationProfile(total=14_001, blocks=[6000, 6000], block_inputs=[100, 100])
+    args = dict(weights=50_000, trainable_values=100, optimizer="SGD", profile=profile, batch=3, checkpointing=False,
+                where="the GPU", training_dtype="fp32")  # fmt: skip
+
+    def names(fit):
+        return {what.split(" (")[0]: p.added for what, p in fit.alternatives}
+
+    fit = check_fit(available=29_202, **args)
+    assert (fit.plan.weights, fit.plan.optimizer, fit.where, fit.plan.added) == (
+        50_000,
+        400,
+        "the GPU",
+        43_203,
+    )
+    assert names(fit) == {
+        "turn gradient_checkpointing on": 25_803,
+        "batch_size 2": 29_202,
+        "training_dtype bf16": 22_201,
+    }
+    assert all(type(p.added) is int for _, p in fit.alternatives)
+    just_short = check_fit(available=25_802, **args)  # 1 byte short of checkpointing, batch 2 out too
+    assert names(just_short) == {"training_dtype bf16": 22_201, "batch_size 1": 15_201}
+    assert names(check_fit(available=22_200, **args)) == {"batch_size 1": 15_201}
+    assert names(check_fit(available=15_200, **args)) == {}
+    # batch 4 where 2 fits and 3 does not: the largest batch that fits, not every other one
+    assert "batch_size 2" in names(check_fit(available=29_202, **{**args, "batch": 4}))
+    # optimizer state as counted on the real optimizer replaces the table's estimate
+    assert check_fit(available=0, **{**args, "optimizer_values": 1000}).plan.optimizer == 4000
+
+    # an fp8 base is offered only when the caller says what it frees, and credited exactly that
+    assert "an fp8 base" not in names(check_fit(available=43_202, **args))
+    fp8 = check_fit(available=43_202, **{**args, "fp8_savings": 1})
+    assert names(fp8)["an fp8 base"] == 43_203
+    assert "Load Diffusion Model" in next(w for w, _ in fp8.alternatives if w.startswith("an fp8"))
+    assert "an fp8 base" not in names(check_fit(available=43_201, **{**args, "fp8_savings": 1}))
+
+    # offloading: only with checkpointing, and N blocks that free exactly the shortfall are enough
+    unckpt = check_fit(available=0, **{**args, "block_weights": [30_000] * 3})  # would free 60_000
+    assert unckpt.offload_needed == 0 and "offload_blocks 3" not in names(unckpt)
+    ckpt = {**args, "checkpointing": True, "block_weights": [10_000] * 3}  # 3 free 20_000
+    assert check_fit(available=25_803 - 20_000, **ckpt).offload_needed == 3
+    assert check_fit(available=25_803 - 20_001, **ckpt).offload_needed == 0
+
+
 def test_module_bytes_counts_each_storage_once():
     lin = torch.nn.Linear(8, 4)
     tied = torch.nn.Sequential(lin, lin)
