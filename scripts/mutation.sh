@@ -6,6 +6,7 @@
 # pyproject.toml. The work happens in ./mutants/ (ignored); a second run continues where the first
 # stopped.
 #   bash scripts/mutation.sh              run (or continue), then print the counts
+#   bash scripts/mutation.sh 'training.data.*'   run (again) only the mutants matching these names
 #   bash scripts/mutation.sh --results    only print the counts and the surviving mutants
 #   .venv/bin/mutmut show <mutant>        the edit a mutant makes
 set -euo pipefail
@@ -20,8 +21,15 @@ fi
 mkdir -p mutants
 ln -sfn "$ROOT/.comfyui" mutants/.comfyui
 if [[ "${1:-}" != "--results" ]]; then
-    # The console script, not `python -m mutmut`: its trampolines import mutmut.__main__.
-    .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" || true
+    # Which tests reach which function, collected again every run: mutmut 3.8.1, finding tests added
+    # since the last run, collects them alone and forgets every other test's functions (most mutants
+    # then show as "no tests"). Results of unchanged functions are kept either way.
+    rm -f mutants/mutmut-stats.json
+    # One thread per forked child: a child forked from a process that has started torch's OpenMP pool
+    # can hang in its first parallel op (a "timeout" that is no detection), and 2 children x 2 threads
+    # on 2 cores only contend. The console script, not `python -m mutmut`: its trampolines import
+    # mutmut.__main__.
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "$@" || true
 fi
 .venv/bin/mutmut export-cicd-stats >/dev/null 2>&1 || true
 .venv/bin/python - <<'PY'

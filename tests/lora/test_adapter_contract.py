@@ -248,3 +248,56 @@ def test_dora_magnitude_of_the_wrong_size_is_refused_naming_the_key():
         DoRAModule.from_adapter_state_dict(sd, (16, 12))
     sd["dora_scale"] = torch.ones(12)  # flat: the same numbers, taken in the input-axis layout
     assert DoRAModule.from_adapter_state_dict(sd, (16, 12)).magnitude.shape == (1, 12)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_bypass_equals_merged_on_a_layer_without_bias(algorithm):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 8, 3, padding=1, bias=False).requires_grad_(False)
+    adapter = _adapter(algorithm, layer)
+    x = torch.randn(INPUTS["conv2d"], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        _run(layer, adapter, x), _merged_forward(layer, adapter.merge(layer.weight), x), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_merge_keeps_the_weights_dtype(algorithm):
+    """ComfyUI patches a bf16 weight into a bf16 weight: merge computes in fp32 and gives bf16 back."""
+    layer = _layer("linear", torch.float32)
+    adapter = _adapter(algorithm, layer)
+    merged = adapter.merge(layer.weight.to(torch.bfloat16))
+    assert merged.dtype == torch.bfloat16
+    reference = adapter.merge(layer.weight)
+    assert (merged.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_output_keeps_the_activations_dtype_under_a_wider_layer(algorithm):
+    """An fp32 layer (weights and bias) fed bf16 activations, as a manual-cast model does: the adapted
+    output stays in the activations' dtype."""
+    layer = _layer("linear", torch.float32)
+    adapter = _adapter(algorithm, layer)
+    x = torch.randn(INPUTS["linear"], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y = F.linear(x, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16))
+    out = adapter.adapt_output(layer, adapter.adapt_input(layer, x) if adapter.changes_input else x, y)
+    assert out.dtype == torch.bfloat16
+
+
+def test_oft_constraint_only_ever_shrinks_q():
+    from lora.functional.oft import oft_rotation
+
+    blocks = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    q = blocks - blocks.transpose(1, 2)
+    norm = float(torch.linalg.vector_norm(q))
+    free = oft_rotation(blocks, 0.0)
+    torch.testing.assert_close(oft_rotation(blocks, 2 * norm), free, rtol=0, atol=1e-6)  # under the cap
+    capped = oft_rotation(blocks, norm / 2)
+    assert (capped - torch.eye(4)).abs().max() < (free - torch.eye(4)).abs().max()
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_same_generator_seed_gives_the_same_adapter(algorithm):
+    layer = _layer("conv2d", torch.float32)
+    a, b = (_adapter(algorithm, layer, randomise=False) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

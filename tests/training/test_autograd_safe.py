@@ -246,3 +246,22 @@ def test_copy_on_write_trains_explicit_in_place_writes_with_the_out_of_place_gra
     expected = grads(_explicit_net(fresh=False, in_place=False), cow=False)
     for a, b in zip(grads(_explicit_net(fresh=False), cow=True), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_copy_on_write_keeps_the_in_place_calls_keyword_arguments():
+    leaf = torch.randn(4, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    with copy_on_write():
+        a = leaf * 1.0
+        b = a.sin()  # keeps a for backward
+        a.add_(torch.ones(4), alpha=2.0)  # writes into it, with a keyword argument
+        loss = (b + a).sum()
+    torch.testing.assert_close(a, leaf.detach() + 2.0)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, leaf.detach().cos() + 1.0)
+
+
+def test_refused_block_is_named_by_its_class_or_as_repeated():
+    from training.gradient_checkpointing import _block_name
+
+    assert _block_name(nn.Linear(1, 1).forward) == "Linear"
+    assert _block_name(lambda x: x) == "repeated"

@@ -256,3 +256,41 @@ def test_series_skips_files_the_user_already_deleted(tmp_path):
     first[0].unlink()  # the user removed the old LoRA by hand
     assert series.add(*second) == [first[1]]
     assert not first[1].exists() and second[0].exists() and second[1].exists()
+
+
+def test_free_space_needed_is_both_files_plus_the_margin(tmp_path, monkeypatch):
+    """The check counts the LoRA (its real size), the sidecar (its estimate, never below its real size)
+    and FREE_SPACE_MARGIN; exactly that much free is enough, one byte less is refused; the folder may
+    be several levels new."""
+    estimates = []
+    real_size = ck._state_size
+    monkeypatch.setattr(ck, "_state_size", lambda *a: estimates.append(real_size(*a)) or estimates[-1])
+    lora, state = _write(tmp_path / "probe")
+    assert estimates[0] >= state.stat().st_size
+    needed = lora.stat().st_size + estimates[0] + ck.FREE_SPACE_MARGIN
+    real = ck.shutil.disk_usage
+    for free, ok in [(needed, True), (needed - 1, False)]:
+        monkeypatch.setattr(
+            ck.shutil, "disk_usage", lambda path, free=free: real(tmp_path)._replace(free=free)
+        )
+        folder = tmp_path / f"free{free}" / "a" / "b"
+        if ok:
+            assert _write(folder)[0].exists()
+        else:
+            with pytest.raises(OSError, match="not enough free space"):
+                _write(folder)
+
+
+@pytest.mark.parametrize("fails", ["state", "lora"])
+def test_a_failed_write_names_the_file_being_written_and_its_step(tmp_path, monkeypatch, fails):
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ck, "_write_state_file" if fails == "state" else "save_lora_bytes", failing)
+    with pytest.raises(OSError) as info:
+        _write(tmp_path, step=7)
+    suffix = ".lorastate" if fails == "state" else ".safetensors"
+    assert f"could not save the step 7 checkpoint {tmp_path / ('ck_7_steps_00001' + suffix)}" in str(
+        info.value
+    )
+    assert info.value.errno == errno.EIO and list(tmp_path.iterdir()) == []

@@ -305,3 +305,24 @@ def test_load_folder_defaults_read_txt_captions_and_name_the_folder_input(tmp_pa
     (tmp_path / "c.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="^folder: image 'c.png'"):
         load_folder(tmp_path, 64)
+
+
+def test_upscale_warning_names_the_folder_input_and_the_most_upscaled_image(tmp_path, caplog):
+    from training.imagefolder import load_folder
+
+    _img(tmp_path / "a.png", 200, 200)  # 2.56x: blurred
+    _img(tmp_path / "b.png", 64, 64)  # 8x: the worst
+    _img(tmp_path / "c.png", 256, 256)  # exactly 2x: at the limit, not warned about
+    with caplog.at_level("WARNING", logger="loralab"):
+        load_folder(tmp_path, 512, name="dataset_folder")
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "LoRA Lab: dataset_folder: 2 of 3 images are smaller than resolution 512 and scaled up more than 2x "
+        "per side (most: 'b.png', 8x)"
+    ), record.getMessage()
+
+
+def test_captions_that_are_not_utf8_are_read_with_replacement_characters(tmp_path):
+    _img(tmp_path / "a.png", 64, 64)
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait \n")  # Latin-1, as old Windows editors save
+    assert [i.caption for i in list_image_captions(tmp_path, ".txt", "")] == ["caf\ufffd au lait"]

@@ -712,3 +712,54 @@ def test_build_metadata_defaults_dates_and_titles(monkeypatch):
         monkeypatch.undo()
         time.tzset()
     assert now.endswith("+00:00"), now
+
+
+def _raw_safetensors(path, header: object, data: bytes = b"", header_bytes: bytes | None = None):
+    raw = json.dumps(header).encode() if header_bytes is None else header_bytes
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path, len(raw)
+
+
+def test_layout_check_says_what_is_wrong_with_each_broken_file(tmp_path):
+    from training.lorafile import _check_safetensors_layout as check
+
+    one = tmp_path / "one.safetensors"
+    one.write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"is truncated \(1 bytes\)"):
+        check(one)
+    bare, _ = _raw_safetensors(tmp_path / "bare.safetensors", None, header_bytes=b"")  # 8 bytes: no header
+    with pytest.raises(ValueError, match="header is not JSON"):
+        check(bare)
+    for i, entry in enumerate([[0, 4], {"data_offsets": [0, "4"]}, {"data_offsets": [0]}, {"dtype": "F32"}]):
+        path, _ = _raw_safetensors(tmp_path / f"bad{i}.safetensors", {"w": entry}, b"\x00" * 4)
+        with pytest.raises(ValueError, match="malformed safetensors header entry for 'w'"):
+            check(path)
+    cut, n = _raw_safetensors(tmp_path / "cut.safetensors", {"w": {"data_offsets": [0, 100]}}, b"\x00" * 10)
+    with pytest.raises(ValueError, match=rf"tensors need {8 + n + 100} bytes but the file has {8 + n + 10};"):
+        check(cut)
+    empty, _ = _raw_safetensors(
+        tmp_path / "ok.safetensors", {"__metadata__": {}, "w": {"data_offsets": [0, 0]}}
+    )
+    check(empty)  # a complete file (one empty tensor) is not called broken
+
+
+def test_step_count_warnings_name_the_key_or_the_file_and_the_limit(caplog):
+    with caplog.at_level("WARNING", logger="loralab"):
+        earlier_steps({"ss_steps": "-3"}, None)
+        name = "run_" + "9" * 100 + "_steps_00001.safetensors"
+        earlier_steps({}, f"/some/folder/{name}")
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first == ("LoRA Lab: ignoring the step count ss_steps='-3' in the LoRA's metadata: not a whole "
+                     "number between 0 and 1000000000")  # fmt: skip
+    assert (
+        second == f"LoRA Lab: ignoring the step count in the file name {repr(name)[:77]}...: above 1000000000"
+    )
+
+
+@pytest.mark.parametrize(
+    "family,arch",
+    [("Unknown", "unknown"), ("None", "unknown"), ("FluxDev", "flux-1-dev"), ("Chroma1-HD", "chroma"),
+     ("  My  Model  ", "my-model"), ("!!!", "unknown")],
+)  # fmt: skip
+def test_base_model_info_other_spellings(family, arch):
+    assert lora_metadata.base_model_info(family)[0] == arch
