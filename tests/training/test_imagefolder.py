@@ -326,3 +326,13 @@ def test_captions_that_are_not_utf8_are_read_with_replacement_characters(tmp_pat
     _img(tmp_path / "a.png", 64, 64)
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait \n")  # Latin-1, as old Windows editors save
     assert [i.caption for i in list_image_captions(tmp_path, ".txt", "")] == ["caf\ufffd au lait"]
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, 0), (0, 0)])
+def test_empty_image_sizes_are_refused(size):
+    from training.imagefolder import check_image_size
+
+    with pytest.raises(ValueError, match="empty"):
+        bucket_size(*size, 512)
+    with pytest.raises(ValueError):
+        check_image_size(*size, 512)

@@ -763,3 +763,39 @@ def test_step_count_warnings_name_the_key_or_the_file_and_the_limit(caplog):
 )  # fmt: skip
 def test_base_model_info_other_spellings(family, arch):
     assert lora_metadata.base_model_info(family)[0] == arch
+
+
+def test_lora_state_dict_copies_keep_names_and_metadata_apart():
+    t = torch.zeros(2)
+    sd = LoraStateDict(a=t, metadata={"k": "v"}, file_names={"kohya": {"m": "lora_unet_m"}})
+    assert list(sd) == ["a"] and sd["a"] is t
+    copy = sd.copy()
+    assert isinstance(copy, LoraStateDict) and copy == sd
+    assert copy.metadata == {"k": "v"} and copy.file_names == {"kohya": {"m": "lora_unet_m"}}
+    copy.file_names["kohya"]["m"] = "changed"
+    copy.metadata["k"] = "changed"
+    assert sd.file_names["kohya"]["m"] == "lora_unet_m" and sd.metadata["k"] == "v"
+
+
+def test_missing_lora_file_is_a_file_not_found_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        read_lora_file(tmp_path / "gone.safetensors")
+    assert info.value.errno == errno.ENOENT and info.value.filename == str(tmp_path / "gone.safetensors")
+    assert info.value.strerror == "LoRA file not found"
+
+
+def test_counters_are_case_sensitive_where_the_file_system_is(tmp_path):
+    if os.name == "nt":
+        pytest.skip("Windows file names are case-insensitive: counted alike there")
+    (tmp_path / "CK_2_steps_00007.safetensors").write_bytes(b"")
+    assert next_free_path(tmp_path, "ck", 2).name == "ck_2_steps_00001.safetensors"
+    with pytest.raises(ValueError, match="plain file-name prefix"):
+        next_free_path(tmp_path, "a\\b", 2)
+
+
+def test_safe_prefix_keeps_letters_and_allows_the_longest_name():
+    assert safe_prefix("Xmas/..hidden") == "Xmas/hidden"
+    longest = "a" * file_names._MAX_COMPONENT
+    assert safe_prefix(f"runs/{longest}") == f"runs/{longest}"
+    with pytest.raises(ValueError, match="longer than"):
+        safe_prefix(longest + "a")
