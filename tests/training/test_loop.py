@@ -449,3 +449,15 @@ def test_batch_order_visits_every_sample_once_per_epoch_in_batches_of_one_shape(
     assert BatchOrder(samples, batch_size=2, seed=12)(0) != order(0) or BatchOrder(samples, 2, 12)(
         1
     ) != order(1)
+
+
+def test_out_of_memory_is_told_from_other_errors():
+    from training.loop import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+    )
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not the allocator's error type

@@ -239,3 +239,11 @@ def test_optimizer_state_is_counted_per_shape_as_the_optimizer_keeps_it(name):
         v.numel() for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.numel() > 1
     )
     assert optimizer_state_values(name, shapes) == kept > 0
+
+
+def test_activation_estimates_are_whole_bytes():
+    """Scaled from the probe's sample count with integer division, so plans add up exactly."""
+    profile = ActivationProfile(total=1001, blocks=[300, 300], block_inputs=[10, 10], samples=2)
+    assert profile.for_run(3, False) == 1501 and type(profile.for_run(3, False)) is int
+    assert profile.for_run(3, True) == 3 * (401 + 20 + 300) // 2 and type(profile.for_run(3, True)) is int
+    assert ActivationProfile(total=1001, samples=2).for_run(3, True) == 1501  # no blocks: nothing to save

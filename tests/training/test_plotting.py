@@ -173,3 +173,14 @@ def test_held_out_loss_is_drawn_in_its_own_colour_from_step_0():
     a = np.asarray(render_loss_plot(losses, validation=held_out).convert("RGB")).astype(int)
     raw = np.argwhere(np.abs(a - np.array(_RAW)).sum(axis=2) < 30)
     assert drawn[:, 1].min() + 10 < raw[:, 1].min()
+
+
+def test_ema_values_and_span():
+    """alpha = 2 / (span + 1), bias-corrected: [1, 3] at span 3 (alpha 1/2) gives 1 then 1.75 / 0.75;
+    a span below 1 means no smoothing; the span grows with the run as n / 25, within 2..200."""
+    from training.plotting import ema_span
+
+    assert ema([1.0, 3.0], 3) == pytest.approx([1.0, 1.75 / 0.75], rel=1e-12)
+    assert ema([1.0, 3.0, 2.0], 1) == [1.0, 3.0, 2.0]
+    assert ema([1.0, 3.0, 2.0], 0.2) == [1.0, 3.0, 2.0]
+    assert [ema_span(n) for n in (0, 10, 100, 1000, 4990, 5025, 10**6)] == [2, 2, 4, 40, 200, 200, 200]
