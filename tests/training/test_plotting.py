@@ -184,3 +184,51 @@ def test_ema_values_and_span():
     assert ema([1.0, 3.0, 2.0], 1) == [1.0, 3.0, 2.0]
     assert ema([1.0, 3.0, 2.0], 0.2) == [1.0, 3.0, 2.0]
     assert [ema_span(n) for n in (0, 10, 100, 1000, 4990, 5025, 10**6)] == [2, 2, 4, 40, 200, 200, 200]
+
+
+@pytest.mark.parametrize(
+    "span,target,integer,step",
+    [(10, 5, False, 2.0), (1, 4, False, 0.25), (0.7, 7, False, 0.1), (30, 6, False, 5.0), (8, 1, False, 10.0),
+     (0, 5, False, 1.0), (math.inf, 5, False, 1.0), (3, 6, True, 1.0), (12, 5, True, 5.0), (250, 2, True, 200.0),
+     (1e-7, 4, False, 2.5e-8), (25, 10, True, 5.0)],
+)  # fmt: skip
+def test_nice_step_picks_the_smallest_round_step_that_covers_the_span(span, target, integer, step):
+    from training.plotting import _nice_step
+
+    assert _nice_step(span, target, integer) == pytest.approx(step, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "step,max_abs,values,texts",
+    [(0.25, 1.0, [0.0, 0.25, 1.0], ["0.00", "0.25", "1.00"]),  # 2.5 mantissa: one more decimal
+     (2.5, 10.0, [2.5, 5.0], ["2.5", "5.0"]),
+     (25.0, 100.0, [25.0, 50.0], ["25", "50"]),
+     (0.1, 1.0, [1e-12, 0.3], ["0.0", "0.3"]),  # rounding noise near 0 is shown as 0
+     (1e-5, 1e-4, [0.0, 2e-5], ["0", "2e-05"]),  # below 1e-4: significant digits
+     (1e5, 5e6, [0.0, 3e6], ["0", "3e+06"]),
+     (1.0, 1234567.0, [1234567.0], ["1234567"])],
+)  # fmt: skip
+def test_tick_labels_differ_by_their_step_and_waste_no_digits(step, max_abs, values, texts):
+    from training.plotting import _tick_formatter
+
+    assert [_tick_formatter(step, max_abs)(v) for v in values] == texts
+
+
+def test_label_geometry_helpers():
+    from training.plotting import _boxes_overlap, _leader_end, _segments_cross
+
+    box = (10, 10, 20, 20)
+    assert _boxes_overlap(box, (15, 15, 25, 25)) and _boxes_overlap(box, (12, 12, 18, 18))
+    for other in [
+        (20, 10, 30, 20),
+        (0, 10, 10, 20),
+        (10, 20, 20, 30),
+        (10, 0, 20, 10),
+    ]:  # touching edges only
+        assert not _boxes_overlap(box, other) and not _boxes_overlap(other, box)
+    assert _leader_end(box, 0, 0) == (10, 10) and _leader_end(box, 30, 30) == (20, 20)
+    assert _leader_end(box, 30, 0) == (20, 10) and _leader_end(box, 0, 30) == (10, 20)
+    assert _segments_cross((0, 0), (2, 2), (0, 2), (2, 0))
+    assert not _segments_cross((0, 0), (1, 1), (0, 2), (2, 4))  # apart
+    assert not _segments_cross((0, 0), (2, 0), (0, 1), (2, 1))  # parallel
+    assert not _segments_cross((0, 0), (1, 0), (2, 1), (2, -1))  # the line would cross, the segment does not
