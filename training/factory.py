@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -29,16 +30,12 @@ def _rmsprop(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def _pytorch_optimizer(class_name: str) -> Callable[..., torch.optim.Optimizer]:
+def _pytorch_optimizer(class_name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """An optimizer of the pytorch-optimizer package with its own defaults (betas, eps, ...), our lr and
     weight decay. Prodigy's lr is a multiplier of the step size it finds itself: 1.0 is its default."""
+    import pytorch_optimizer
 
-    def make(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        import pytorch_optimizer
-
-        return getattr(pytorch_optimizer, class_name)(params, lr=lr, weight_decay=weight_decay)
-
-    return make
+    return getattr(pytorch_optimizer, class_name)(params, lr=lr, weight_decay=weight_decay)
 
 
 def _adamw8bit(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -57,10 +54,10 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "Adam": _adam,
     "SGD": _sgd,
     "RMSprop": _rmsprop,
-    "Prodigy": _pytorch_optimizer("Prodigy"),
-    "Adafactor": _pytorch_optimizer("AdaFactor"),
-    "CAME": _pytorch_optimizer("CAME"),
-    "Lion": _pytorch_optimizer("Lion"),
+    "Prodigy": functools.partial(_pytorch_optimizer, "Prodigy"),
+    "Adafactor": functools.partial(_pytorch_optimizer, "AdaFactor"),
+    "CAME": functools.partial(_pytorch_optimizer, "CAME"),
+    "Lion": functools.partial(_pytorch_optimizer, "Lion"),
     "AdamW8bit": _adamw8bit,
 }
 
