@@ -301,3 +301,55 @@ def test_same_generator_seed_gives_the_same_adapter(algorithm):
     layer = _layer("conv2d", torch.float32)
     a, b = (_adapter(algorithm, layer, randomise=False) for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+# A file of each algorithm for a conv layer, with LoKr in both layouts and LoHa's pairs of other ranks.
+def _file_cases():
+    layer = _layer("conv2d", torch.float32)
+    cases = {name: _adapter(name, layer).adapter_state_dict() for name in ALGORITHMS}
+    lokr = ALGORITHMS["LoKr"]
+    shape, conv = layer_spec(layer)
+    cases["LoKr-full"] = lokr(
+        shape, 10_000, conv=conv, generator=torch.Generator().manual_seed(0)
+    ).adapter_state_dict()
+    return shape, conv, cases
+
+
+def _cls(case: str):
+    return ALGORITHMS[case.split("-")[0]]
+
+
+@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full"])
+def test_loading_honours_dtype_and_device(case):
+    shape, conv, cases = _file_cases()
+    sd = {k: v.to(torch.bfloat16) for k, v in cases[case].items()}
+    loaded = _cls(case).from_adapter_state_dict(sd, shape, conv=conv, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    moved = _cls(case).from_adapter_state_dict(sd, shape, conv=conv, dtype=torch.float64, device="meta")
+    assert all(p.dtype == torch.float64 and p.device.type == "meta" for p in moved.parameters())
+
+
+@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full"])
+def test_every_broken_key_is_named_in_the_error(case):
+    """Each tensor of a file, with a dimension added, a size changed, or left out, is refused with an
+    error naming that key (so a user sees which tensor of which layer is wrong)."""
+    shape, conv, cases = _file_cases()
+    sd = cases[case]
+    cls = _cls(case)
+    cls.from_adapter_state_dict(sd, shape, conv=conv)  # the file itself loads
+    for key, tensor in sd.items():
+        if key == "alpha":
+            continue
+        broken = {
+            # DoRA reads a magnitude by its number of values (tools differ in its layout)
+            "extra dim": tensor[None] if key != "dora_scale" else torch.zeros(tensor.numel() + 1),
+            "other size": torch.zeros(tensor.shape[0] + 1, *tensor.shape[1:]),
+            "missing": None,
+        }
+        for what, bad in broken.items():
+            changed = {k: v for k, v in sd.items() if k != key} if bad is None else {**sd, key: bad}
+            with pytest.raises(ValueError) as info:
+                cls.from_adapter_state_dict(changed, shape, conv=conv)
+            # a missing half of a pair may be reported as the pair ("lokr_w1 or both lokr_w1_a and ...")
+            named = key in str(info.value) if what != "missing" else any(k in str(info.value) for k in sd)
+            assert named, f"{case} {key} {what}: {info.value}"
