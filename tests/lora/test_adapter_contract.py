@@ -353,3 +353,9 @@ def test_every_broken_key_is_named_in_the_error(case):
             # a missing half of a pair may be reported as the pair ("lokr_w1 or both lokr_w1_a and ...")
             named = key in str(info.value) if what != "missing" else any(k in str(info.value) for k in sd)
             assert named, f"{case} {key} {what}: {info.value}"
+
+
+def test_a_fresh_oft_keeps_its_constraint():
+    layer = _layer("linear", torch.float32)
+    shape, conv = layer_spec(layer)
+    assert OFTModule(shape, 4, 0.5).constraint == 0.5 and OFTModule(shape, 4).constraint == 0.0

@@ -180,6 +180,8 @@ def test_fit_edges_each_change_exactly_and_nothing_unasked():
     assert "batch_size 2" in names(check_fit(available=29_202, **{**args, "batch": 4}))
     # optimizer state as counted on the real optimizer replaces the table's estimate
     assert check_fit(available=0, **{**args, "optimizer_values": 1000}).plan.optimizer == 4000
+    # an optimizer the table does not know is counted as AdamW: two values per parameter
+    assert check_fit(available=0, **{**args, "optimizer": "SomethingNew"}).plan.optimizer == 800
 
     # an fp8 base is offered only when the caller says what it frees, and credited exactly that
     assert "an fp8 base" not in names(check_fit(available=43_202, **args))
@@ -201,6 +203,11 @@ def test_module_bytes_counts_each_storage_once():
     tied = torch.nn.Sequential(lin, lin)
     assert module_bytes(tied) == (8 * 4 + 4) * 4
     assert module_bytes(torch.nn.Linear(8, 4).to(torch.bfloat16)) == (8 * 4 + 4) * 2
+    shared = torch.nn.Module()  # two parameters viewing one storage (as tied embeddings loaded from a file)
+    storage = torch.zeros(64)
+    shared.a, shared.b = torch.nn.Parameter(storage[:32]), torch.nn.Parameter(storage[32:])
+    shared.register_buffer("c", storage[:8])
+    assert module_bytes(shared) == 64 * 4
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD", "RMSprop"])
