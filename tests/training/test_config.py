@@ -106,3 +106,35 @@ def test_every_optimizer_gets_the_runs_learning_rate_and_weight_decay(name):
         assert group["foreach"] is True
     if name == "SGD":
         assert group["momentum"] == 0.9
+
+
+def test_every_number_option_takes_its_range_ends_and_refuses_past_them():
+    from training.config import OPTIONS, TrainConfig
+
+    for option in OPTIONS:
+        if option.kind not in ("int", "float") or not option.config:
+            continue
+        for end in (option.lo, option.hi):
+            if end == option.lo and option.above:
+                with pytest.raises(ValueError, match=f"{option.name} must be above"):
+                    option.check(end)
+                continue
+            option.check(end)
+        step = 1 if option.kind == "int" else 1e-6 * max(1.0, abs(option.hi))
+        with pytest.raises(ValueError, match=f"^{option.name} must be"):
+            option.check(option.hi + step)
+        with pytest.raises(ValueError, match=f"^{option.name} must be"):
+            option.check(True)  # a bool is not a number here
+        TrainConfig(**{option.name: option.hi})
+
+
+def test_bool_and_pattern_options_take_their_own_types_only():
+    from training.config import OPTION, TrainConfig
+
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        OPTION["gradient_checkpointing"].check(1)
+    OPTION["gradient_checkpointing"].check(False)
+    assert TrainConfig(include=("*attn*",)).include == ("*attn*",)
+    for bad in (["*attn*"], ("*attn*", 3), "*attn*"):
+        with pytest.raises(ValueError, match="include must be a tuple of glob patterns"):
+            TrainConfig(include=bad)

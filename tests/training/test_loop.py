@@ -461,3 +461,64 @@ def test_out_of_memory_is_told_from_other_errors():
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not the allocator's error type
+
+
+def _recording_optimizer(monkeypatch):
+    """Records, at every optimizer step, the lr and weight decay the optimizer really uses and the norm
+    of the gradients it is given."""
+    import training.loop as loop
+
+    seen: list[tuple[float, float, float]] = []
+    real = loop.make_optimizer
+
+    def make(name, params, lr, weight_decay=0.0):
+        opt = real(name, params, lr, weight_decay)
+        step = opt.step
+
+        def recording_step(*a, **k):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            group = opt.param_groups[0]
+            seen.append((group["lr"], group["weight_decay"], norm))
+            return step(*a, **k)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", make)
+    return seen
+
+
+def test_each_step_uses_the_schedules_lr_the_weight_decay_and_the_clip(monkeypatch):
+    from training.schedule import lr_at
+
+    seen = _recording_optimizer(monkeypatch)
+    config = TrainConfig(**{**BASE, "steps": 9, "learning_rate": 1e-2, "lr_schedule": "cosine_with_restarts",
+                            "warmup_steps": 2, "lr_cycles": 2, "weight_decay": 0.05, "max_grad_norm": 1e-3})  # fmt: skip
+    train_toy(config)
+    expected = [lr_at(s, 9, 1e-2, "cosine_with_restarts", 2, 2) for s in range(1, 10)]
+    assert [lr for lr, _, _ in seen] == pytest.approx(expected, rel=1e-12)
+    assert all(wd == 0.05 for _, wd, _ in seen)
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, _, norm in seen)  # clipped before the step
+    seen.clear()
+    train_toy(TrainConfig(**{**BASE, "steps": 2, "max_grad_norm": 0.0}))  # 0: no clipping
+    assert all(norm > 1e-3 for _, _, norm in seen)
+
+
+def test_interrupt_is_checked_before_every_micro_batch():
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(**{**BASE, "steps": 4, "grad_accumulation_steps": 3})
+    net = Toy()
+    samples = make_samples()
+    adapters = AdapterSet.create(find_targets(net), "LoRA", 4, None, torch.Generator().manual_seed(0))
+    objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
+    with frozen(net), adapters.attached(net), pytest.raises(KeyboardInterrupt):
+        run_training(params=adapters.trainable_parameters(), samples=samples, objective=objective, config=config,
+                     device=cpu, predict_x0=lambda x, s, c: x - s.view(-1, 1, 1, 1) * net(x), check_interrupt=check)  # fmt: skip
+    assert len(calls) == 5  # stopped inside step 2's micro-batches, not at its end
