@@ -522,3 +522,35 @@ def test_interrupt_is_checked_before_every_micro_batch():
         run_training(params=adapters.trainable_parameters(), samples=samples, objective=objective, config=config,
                      device=cpu, predict_x0=lambda x, s, c: x - s.view(-1, 1, 1, 1) * net(x), check_interrupt=check)  # fmt: skip
     assert len(calls) == 5  # stopped inside step 2's micro-batches, not at its end
+
+
+class _KwBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(
+        self, x, steps, *, scale=1.0
+    ):  # a plain int positional and a keyword, as ComfyUI's blocks take
+        for _ in range(steps):
+            x = torch.tanh(self.lin(x)) * scale
+        return x
+
+
+def test_checkpointing_passes_keyword_and_plain_arguments():
+    from training.gradient_checkpointing import gradient_checkpointing
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        net = nn.Sequential()
+        net.blocks = nn.ModuleList(_KwBlock() for _ in range(2))
+        x = torch.randn(3, 4, requires_grad=True)
+        with gradient_checkpointing(net, checkpointing):
+            h = x
+            for b in net.blocks:
+                h = b(h, 2, scale=0.5)
+            h.square().sum().backward()
+        return [h.detach(), *(p.grad for p in net.parameters())]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
