@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Mutation testing of lora/ and training/ against tests/lora and tests/training (not part of CI: it
-# takes hours on 2 cores). mutmut (from the registry) changes the code one small edit at a time
-# ("mutant": a flipped comparison, a changed constant, a dropped call) and runs the tests that reach
-# the changed function; a mutant the tests do not notice "survives". Configuration: [tool.mutmut] in
-# pyproject.toml. The work happens in ./mutants/ (ignored); a second run continues where the first
-# stopped.
+# Mutation testing of lora/ and training/ against tests/lora and tests/training (not part of CI: a
+# full run of its ~6700 mutants takes about an hour on 2 cores). mutmut (from the registry) changes
+# the code one small edit at a time ("mutant": a flipped comparison, a changed constant, a dropped
+# call) and runs the tests that reach the changed function; a mutant the tests do not notice
+# "survives". Configuration: [tool.mutmut] in pyproject.toml. The work happens in ./mutants/
+# (ignored); a second run continues where the first stopped. Mutants given by name run again.
 #   bash scripts/mutation.sh              run (or continue), then print the counts
 #   bash scripts/mutation.sh 'training.data.*'   run (again) only the mutants matching these names
 #   bash scripts/mutation.sh --results    only print the counts and the surviving mutants
