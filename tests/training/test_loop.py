@@ -363,9 +363,9 @@ def test_other_runtime_errors_pass_through_unchanged():
 # ---------------------------------------------------------------------------------- the loop's contract
 
 
-def _one_sgd_step(config: TrainConfig, samples) -> tuple[list, list, Toy, AdapterSet]:
+def _one_sgd_step(config: TrainConfig, samples) -> tuple[list, list, Toy, AdapterSet, list[float]]:
     """Adapter parameters before and after one optimizer step of the loop (SGD: its first step moves
-    each parameter by exactly -lr x gradient)."""
+    each parameter by exactly -lr x gradient), and the losses the loop reported."""
     net = Toy()
     adapters = AdapterSet.create(find_targets(net), config.algorithm, config.rank, config.alpha,
                                  torch.Generator().manual_seed(derive_seed(config.seed, "init")))  # fmt: skip
@@ -376,9 +376,9 @@ def _one_sgd_step(config: TrainConfig, samples) -> tuple[list, list, Toy, Adapte
     before = [p.detach().clone() for p in params]
     objective, cpu = Objective(FlowSampling(), "flow"), torch.device("cpu")
     with frozen(net), adapters.attached(net):
-        run_training(params=params, samples=samples, objective=objective, config=config, device=cpu,
-                     predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net(x_t))  # fmt: skip
-    return before, [p.detach().clone() for p in params], net, adapters
+        result = run_training(params=params, samples=samples, objective=objective, config=config, device=cpu,
+                              predict_x0=lambda x_t, s, c: x_t - s.view(-1, 1, 1, 1) * net(x_t))  # fmt: skip
+    return before, [p.detach().clone() for p in params], net, adapters, result.losses
 
 
 def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
@@ -393,7 +393,7 @@ def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
     config = TrainConfig(steps=1, rank=2, optimizer="SGD", learning_rate=lr, batch_size=b, grad_accumulation_steps=k,
                          max_grad_norm=0.0, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)  # fmt: skip
     samples = make_samples(5)
-    before, after, net, adapters = _one_sgd_step(config, samples)
+    before, after, net, adapters, reported = _one_sgd_step(config, samples)
 
     params = adapters.trainable_parameters()
     with torch.no_grad():
@@ -403,6 +403,7 @@ def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
     order = BatchOrder(samples, b, derive_seed(config.seed, "order"))
     noise_seed = derive_seed(config.seed, "noise")
     grads = [torch.zeros_like(p) for p in params]
+    losses = []
     seen = set()
     with frozen(net), adapters.attached(net):
         for micro in range(k):
@@ -422,6 +423,8 @@ def test_accumulated_micro_batches_give_the_mean_gradient_of_their_batches():
             )
             for g, d in zip(grads, torch.autograd.grad(loss, params), strict=True):
                 g += d / k
+            losses.append(loss.item())
+    assert reported == pytest.approx([sum(losses) / k], rel=1e-5)  # the step's loss: the mean of its batches'
     assert len(seen) == 5  # the three batches cover the dataset: not one batch three times
     for p0, p1, g in zip(before, after, grads, strict=True):
         torch.testing.assert_close(p1, p0 - lr * g, rtol=1e-5, atol=1e-7)
