@@ -312,6 +312,9 @@ def _file_cases():
     cases["LoKr-full"] = lokr(
         shape, 10_000, conv=conv, generator=torch.Generator().manual_seed(0)
     ).adapter_state_dict()
+    w1 = cases["LoKr"]["lokr_w1"]  # as other tools may store it: w1 low-rank too
+    cases["LoKr-lowrank-w1"] = {k: v for k, v in cases["LoKr"].items() if k != "lokr_w1"} | {
+        "lokr_w1_a": w1[:, :1].clone(), "lokr_w1_b": torch.ones(1, w1.shape[1])}  # fmt: skip
     return shape, conv, cases
 
 
@@ -319,7 +322,7 @@ def _cls(case: str):
     return ALGORITHMS[case.split("-")[0]]
 
 
-@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full"])
+@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full", "LoKr-lowrank-w1"])
 def test_loading_honours_dtype_and_device(case):
     shape, conv, cases = _file_cases()
     sd = {k: v.to(torch.bfloat16) for k, v in cases[case].items()}
@@ -329,7 +332,7 @@ def test_loading_honours_dtype_and_device(case):
     assert all(p.dtype == torch.float64 and p.device.type == "meta" for p in moved.parameters())
 
 
-@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full"])
+@pytest.mark.parametrize("case", [*ALGORITHMS, "LoKr-full", "LoKr-lowrank-w1"])
 def test_every_broken_key_is_named_in_the_error(case):
     """Each tensor of a file, with a dimension added, a size changed, or left out, is refused with an
     error naming that key (so a user sees which tensor of which layer is wrong)."""

@@ -254,3 +254,19 @@ def test_activation_estimates_are_whole_bytes():
     assert profile.for_run(3, False) == 1501 and type(profile.for_run(3, False)) is int
     assert profile.for_run(3, True) == 3 * (401 + 20 + 300) // 2 and type(profile.for_run(3, True)) is int
     assert ActivationProfile(total=1001, samples=2).for_run(3, True) == 1501  # no blocks: nothing to save
+
+
+def test_a_block_run_twice_counts_both_runs_and_its_first_input():
+    """Blocks reused within one forward (a shared block applied twice) keep activations of both calls;
+    checkpointing keeps the input of the first."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    weights = list(block.parameters())
+    x, y = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+
+    def alone(inp):
+        return profile_activations(lambda: block(inp), [block], skip=weights)
+
+    twice = profile_activations(lambda: (block(x), block(y)), [block], skip=weights)
+    assert twice.blocks == [alone(x).blocks[0] + alone(y).blocks[0]]
+    assert twice.block_inputs == [x.untyped_storage().nbytes()] == alone(x).block_inputs
