@@ -144,7 +144,7 @@ def test_the_run_previews_reach_the_graph_as_one_grid_per_step(glue, loras_dir, 
     for i, step in enumerate(loss_map["preview_step"]):
         parts = sorted(folder.glob(f"step_{step}_*.png"))
         assert len(parts) == 2, parts
-        row = torch.cat([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in parts], 1)
+        row = torch.cat([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in parts], 1)
         assert torch.equal(images[i], row), step
     out = preview_mod.LoraLab_PreviewImages.execute({"loss": [1.0], **loss_map})
     batch, steps = out.result
