@@ -265,3 +265,35 @@ def test_refused_block_is_named_by_its_class_or_as_repeated():
 
     assert _block_name(nn.Linear(1, 1).forward) == "Linear"
     assert _block_name(lambda x: x) == "repeated"
+
+
+def test_plus_equals_into_a_plain_tensor_from_a_graph_tensor_is_rewritten():
+    """x += w where only w takes part in autograd (x: a buffer-like tensor a product already kept):
+    rewritten too, so backward sees the x the product used."""
+    w = torch.randn(4, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    x = torch.ones(4)
+    with autograd_safe():
+        a = x * w  # keeps x for w's gradient
+        x += w
+        loss = a.sum() + x.sum()
+    loss.backward()
+    torch.testing.assert_close(w.grad, torch.full((4,), 2.0))  # d/dw of sum(1 * w) + sum(1 + w)
+
+
+def test_rewritten_count_starts_at_zero_per_thread_and_counts_one_per_rewrite():
+    import threading
+
+    counts = []
+
+    def worker():
+        counts.append(rewritten_count())
+        leaf = torch.randn(3, requires_grad=True)
+        with autograd_safe():
+            h = leaf * 2
+            h += 1
+        counts.append(rewritten_count())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert counts == [0, 1]
