@@ -9,18 +9,8 @@ import math
 import pytest
 import torch
 
+from tests.training.test_loop import FlowSampling as Flow
 from training.objective import Objective, denoise_loss
-
-
-class Flow:
-    sigma_data = 1.0
-
-    def percent_to_sigma(self, p: float) -> float:
-        return 1.0 - p
-
-    def noise_scaling(self, sigma, noise, latent):
-        s = sigma.reshape(-1, *([1] * (noise.ndim - 1)))
-        return s * noise + (1 - s) * latent
 
 
 class VSampling(Flow):
